@@ -1,0 +1,121 @@
+"""STF: RoPE3D by hand-computed angles, SegPrompter/InitialSegFusion semantics and keys."""
+
+import math
+
+import pytest
+import torch
+
+from virst.stf import InitialSegFusion, RoPE3D, SegPrompter, rotate_pairs
+
+
+def _rotate_by_hand(vec, angles):
+    """Rotate each interleaved pair (v[2i], v[2i+1]) by angles[i]."""
+    out = vec.clone()
+    for i, a in enumerate(angles):
+        x0, x1 = vec[2 * i].item(), vec[2 * i + 1].item()
+        out[2 * i] = x0 * math.cos(a) - x1 * math.sin(a)
+        out[2 * i + 1] = x0 * math.sin(a) + x1 * math.cos(a)
+    return out
+
+
+def test_rope3d_key_rotation_matches_hand_computed_angles():
+    rope = RoPE3D(head_dim=32, grid_hw=8)
+    assert rope.axis_lanes == 10
+    inv = [1 / 10000 ** (j / 5) for j in range(5)]
+    t, y, x = 2, 5, 3
+    token = t * 64 + y * 8 + x
+    vec = torch.randn(32, dtype=torch.float64)
+    angles = ([t * f for f in inv] + [y * f for f in inv] + [x * f for f in inv] + [0.0])
+    expected = _rotate_by_hand(vec, angles)
+    keys = torch.zeros(3 * 64, 32, dtype=torch.float64)
+    keys[token] = vec
+    rotated = RoPE3D.rotate(keys.float(), rope.key_angles(3))[token].double()
+    assert torch.allclose(rotated, expected, atol=1e-5)
+    assert torch.equal(rotated[30:], vec[30:].float().double())  # 2 free lanes untouched
+
+
+def test_rope3d_queries_rotate_only_time_lanes_by_their_frame():
+    rope = RoPE3D(head_dim=32, grid_hw=8)
+    n, frames = 3, 7
+    q = torch.randn(n * frames, 32)
+    out = RoPE3D.rotate(q, rope.query_angles(n, frames))
+    inv = [1 / 10000 ** (j / 5) for j in range(5)]
+    for i in (0, 6, 7, 20):  # query i = n * T + t rotates by t = i % T
+        t = i % frames
+        expected = _rotate_by_hand(q[i].double(), [t * f for f in inv] + [0.0] * 11)
+        assert torch.allclose(out[i].double(), expected, atol=1e-5)
+    assert torch.equal(out[:, 10:], q[:, 10:])  # y, x and free lanes of queries: unrotated
+    assert torch.equal(out[0], q[0]) and torch.equal(out[frames], q[frames])  # t = 0
+
+
+def test_rotate_pairs_is_the_gptj_convention():
+    x = torch.arange(6.0)
+    assert rotate_pairs(x).tolist() == [-1, 0, -3, 2, -5, 4]
+
+
+@pytest.fixture()
+def prompter():
+    torch.manual_seed(0)
+    return SegPrompter(in_dim=48, token_dim=64, grid_hw=4, nhead=2, feat_hw=16).eval()
+
+
+def test_segprompter_shapes_and_frame_score(prompter):
+    seg, img = torch.randn(2, 10, 48), torch.randn(2, 5, 64, 16, 16)
+    out, score = prompter(seg, img, return_frame_score=True)
+    assert out.shape == (2, 10, 5, 64) and score.shape == (2, 5)
+    assert torch.allclose(score.sum(-1), torch.full((2,), 1 / 16))
+    assert torch.equal(prompter(seg, img), out)
+    # each frame's prompt depends on that frame: changing frame 3 changes mostly frame 3
+    img2 = img.clone()
+    img2[:, 3] += 1
+    out2 = prompter(seg, img2)
+    assert not torch.allclose(out2[:, :, 3], out[:, :, 3])
+
+
+def test_segprompter_query_padding_mask(prompter):
+    seg, img = torch.randn(1, 10, 48), torch.randn(1, 4, 64, 16, 16)
+    keep = torch.ones(1, 10, dtype=torch.bool)
+    assert torch.allclose(prompter(seg, img, seg_mask=keep), prompter(seg, img), atol=1e-6)
+    keep[0, 7:] = False  # padded [SEG] tokens do not influence the others
+    a = prompter(seg, img, seg_mask=keep)
+    seg2 = seg.clone()
+    seg2[0, 8] = 100
+    b = prompter(seg2, img, seg_mask=keep)
+    assert torch.allclose(a[:, :7], b[:, :7], atol=1e-5)
+
+
+def test_segprompter_rejects_mismatched_inputs(prompter):
+    with pytest.raises(ValueError, match="disagree"):
+        prompter(torch.randn(1, 10, 48), torch.randn(2, 4, 64, 16, 16))
+    with pytest.raises(ValueError, match="max_frames"):
+        prompter(torch.randn(1, 10, 48), torch.randn(1, 101, 64, 16, 16))
+
+
+def test_official_state_dict_keys():
+    p = SegPrompter(in_dim=3584, token_dim=256, grid_hw=8, nhead=8, n_layers=2, feat_hw=64)
+    keys = set(p.state_dict())
+    layer = {f"decoder.{i}.{n}" for i in range(2) for n in (
+        "self_attn.in_proj_weight", "self_attn.in_proj_bias", "self_attn.out_proj.weight",
+        "self_attn.out_proj.bias", *(f"cross_attn.{x}_proj.{w}" for x in "qkvo"
+                                     for w in ("weight", "bias")),
+        *(f"ff.{j}.{w}" for j in (0, 2) for w in ("weight", "bias")),
+        *(f"norm{j}.{w}" for j in (1, 2, 3) for w in ("weight", "bias")))}
+    top = {f"spatial_down.{j}.{w}" for j in (0, 2, 4) for w in ("weight", "bias")}
+    top |= {"memory_norm.weight", "memory_norm.bias", "seg_proj.weight", "seg_proj.bias"}
+    assert keys == layer | top
+    f = InitialSegFusion(hidden_dim=3584, vision_dim=256, token_dim=256, grid_hw=8, num_heads=8)
+    assert {k.split(".")[0] for k in f.state_dict()} == {
+        "spatial_down", "spatial_norm", "vision_proj", "norm_q", "norm_kv", "cross_attn", "gate"}
+    assert f.spatial_down[4].weight.shape == (256, 256, 3, 3)
+
+
+def test_initial_seg_fusion_is_a_gated_residual():
+    torch.manual_seed(0)
+    f = InitialSegFusion(hidden_dim=32, vision_dim=16, token_dim=16, grid_hw=2, num_heads=4,
+                         feat_hw=8).eval()
+    seg, vis = torch.randn(1, 10, 32), torch.randn(1, 3, 16, 8, 8)
+    with torch.no_grad():
+        f.gate.zero_()
+        assert torch.equal(f(seg, vis), seg)
+        f.gate.fill_(0.1)
+        assert not torch.equal(f(seg, vis), seg)

@@ -1,0 +1,113 @@
+"""The `virst` command: segment, demo, info."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from virst.errors import VirstError
+
+DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "default-model"
+
+
+def load_model(folder: str | None, device: str = "cpu"):
+    """The model in `folder`, else the embedded default (or, before one is shipped, a seeded
+    random tiny model, announced as such)."""
+    from virst.model import VirstModel
+
+    if folder:
+        return VirstModel.from_pretrained(folder, device)
+    if (DEFAULT_MODEL_DIR / "model.safetensors").is_file():
+        return VirstModel.from_pretrained(DEFAULT_MODEL_DIR, device)
+    print("note: no trained default model is embedded; using the seeded random tiny model",
+          file=sys.stderr)
+    return VirstModel.from_preset("tiny", seed=0).to(device)
+
+
+def cmd_segment(args) -> None:
+    from virst.media import load_video, save_masks
+
+    model = load_model(args.model, args.device)
+    video = load_video(args.video)
+    start = time.perf_counter()
+    masks = model.segment(video, args.expression, seed=args.seed, progress=True)
+    took = time.perf_counter() - start
+    save_masks(masks.astype(np.uint8), video.names, args.output)
+    print(f"{len(video)} frames in {took:.1f} s ({len(video) / took:.1f} FPS); "
+          f"masks in {args.output}")
+
+
+def cmd_demo(args) -> None:
+    from virst.data.render import Shape, render
+    from virst.media import Video, save_masks, write_video
+
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(args.seed)
+    t = 32
+    path = np.stack([np.linspace(20, 200, t), 60 + 20 * np.sin(np.linspace(0, 3, t))], 1)
+    shapes = [Shape("circle", "red", 14, path, 1),
+              Shape("square", "blue", 16, np.tile([[120.0, 70.0]], (t, 1)), 0)]
+    frames, _ = render(shapes, 144, 224, t, rng)
+    write_video(frames, out / "clip.mp4")
+    video = Video(frames, [f"{i:05d}" for i in range(t)])
+    model = load_model(args.model, args.device)
+    expression = "the red circle moving right"
+    start = time.perf_counter()
+    masks = model.segment(video, expression, progress=True)
+    took = time.perf_counter() - start
+    save_masks(masks.astype(np.uint8), video.names, out / "masks")
+    print(f"demo: {out / 'clip.mp4'} ({t} frames), {expression!r}: "
+          f"{took:.1f} s ({t / took:.1f} FPS); masks in {out / 'masks'}")
+
+
+def cmd_info(args) -> None:
+    from virst.config import preset
+    from virst.model import describe
+
+    print(describe(preset(args.preset)))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="virst", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("segment", help="segment the object an expression describes")
+    p.add_argument("video", help="video file or folder of frames")
+    p.add_argument("expression")
+    p.add_argument("-o", "--output", required=True, help="folder for one PNG mask per frame")
+    p.add_argument("--model", help="model folder (default: the embedded model)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=None,
+                   help="random frame sampling as in the release (default: deterministic)")
+    p.set_defaults(run=cmd_segment)
+
+    p = sub.add_parser("demo", help="generate a clip and segment it with the default model")
+    p.add_argument("-o", "--output", default="out/demo")
+    p.add_argument("--model")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=cmd_demo)
+
+    p = sub.add_parser("info", help="parameter count per part of a preset")
+    p.add_argument("--preset", default="virst-7b")
+    p.set_defaults(run=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except VirstError as err:
+        print(f"virst: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

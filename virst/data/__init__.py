@@ -1,0 +1,1 @@
+"""Datasets: the generated "shapes" videos and readers of the public RVOS layouts."""

@@ -1,0 +1,141 @@
+"""Reading videos (frame folders, video files through PyAV, arrays) and writing masks.
+
+Every failure is a `VideoError` that names the path and the problem; mask folders are
+written to a temporary sibling first and moved into place whole.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import av
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from virst.errors import VideoError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+# DAVIS-style palette PNG: index 0 background (black), index 1 the object (dark red).
+DAVIS_PALETTE = [0, 0, 0, 128, 0, 0] + [0, 0, 0] * 254
+
+
+@dataclass
+class Video:
+    frames: np.ndarray  # (T, H, W, 3) uint8 RGB
+    names: list[str]  # one name per frame, used for output files
+
+    def __len__(self) -> int:
+        return self.frames.shape[0]
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.frames.shape[1], self.frames.shape[2]
+
+
+def _frame_key(path: Path) -> tuple:
+    numbers = re.findall(r"\d+", path.stem)
+    return (int(numbers[-1]) if numbers else -1, path.stem)
+
+
+def _read_folder(folder: Path) -> Video:
+    files = sorted((p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES),
+                   key=_frame_key)
+    if not files:
+        raise VideoError(f"no frames in folder {folder} (looked for {sorted(IMAGE_SUFFIXES)})")
+    frames = []
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                frames.append(np.asarray(im.convert("RGB")))
+        except (UnidentifiedImageError, OSError) as err:
+            raise VideoError(f"cannot read frame {f}: {err}") from err
+        if frames[-1].shape != frames[0].shape:
+            raise VideoError(f"frame {f} is {frames[-1].shape[:2]}, earlier frames are "
+                             f"{frames[0].shape[:2]}: all frames must have one size")
+    return Video(np.stack(frames), [f.stem for f in files])
+
+
+def _read_file(path: Path) -> Video:
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise VideoError(f"{path} has no video stream")
+            frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    except av.error.FFmpegError as err:
+        raise VideoError(f"cannot decode video {path}: {err}") from err
+    if not frames:
+        raise VideoError(f"video {path} has no frames")
+    return Video(np.stack(frames), [f"{i:05d}" for i in range(len(frames))])
+
+
+def _from_array(array) -> Video:
+    x = array.detach().cpu().numpy() if isinstance(array, torch.Tensor) else np.asarray(array)
+    if x.ndim != 4 or x.shape[-1] != 3:
+        raise VideoError(f"a video array must be (T, H, W, 3) RGB, got shape {x.shape}")
+    if x.shape[0] == 0 or x.shape[1] == 0 or x.shape[2] == 0:
+        raise VideoError(f"the video array is empty: shape {x.shape}")
+    if x.dtype != np.uint8:
+        if not np.issubdtype(x.dtype, np.floating) or x.min() < 0 or x.max() > 1:
+            raise VideoError(f"a video array must be uint8 or float in [0, 1], got {x.dtype}")
+        x = np.round(x * 255).astype(np.uint8)
+    return Video(np.ascontiguousarray(x), [f"{i:05d}" for i in range(x.shape[0])])
+
+
+def load_video(source) -> Video:
+    """A folder of frames (ordered by the number in their names), a video file, or an array."""
+    if isinstance(source, Video):
+        return source
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.exists():
+            raise VideoError(f"no such video or frame folder: {path}")
+        return _read_folder(path) if path.is_dir() else _read_file(path)
+    return _from_array(source)
+
+
+def write_video(frames: np.ndarray, path: str | Path, fps: int = 10) -> None:
+    """Encode (T, H, W, 3) uint8 frames losslessly enough for tests (H.264, yuv444)."""
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=fps)
+        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.pix_fmt = "yuv444p"
+        stream.options = {"crf": "0"}
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+
+
+def save_masks(masks: np.ndarray, names: list[str], out_dir: str | Path) -> list[Path]:
+    """One DAVIS-style palette PNG per frame (0 background, 1 object), written atomically."""
+    out = Path(out_dir)
+    if len(masks) != len(names):
+        raise ValueError(f"{len(masks)} masks for {len(names)} frame names")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        for mask, name in zip(masks, names):
+            im = Image.fromarray(np.asarray(mask, dtype=np.uint8), mode="P")
+            im.putpalette(DAVIS_PALETTE)
+            im.save(tmp / f"{name}.png")
+        out.mkdir(exist_ok=True)
+        written = []
+        for name in names:
+            os.replace(tmp / f"{name}.png", out / f"{name}.png")
+            written.append(out / f"{name}.png")
+        return written
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_mask(path: str | Path) -> np.ndarray:
+    """(H, W) bool from a mask PNG (any non-zero pixel is foreground)."""
+    with Image.open(path) as im:
+        return np.asarray(im) > 0

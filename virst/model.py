@@ -1,0 +1,278 @@
+"""`VirstModel`: the whole reference pipeline, one video and one expression at a time.
+
+    frames -> VLM frames -> UMT + ToMe -> Qwen2 prefill -> 10 [SEG] hidden states
+    frames -> SAM2 image encoder (segmentation frames) -> SegPrompter -> a prompt per frame
+    anchors (predicted from their prompts) -> SAM2 memory propagation over every frame
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer
+from torch import nn
+from tqdm.auto import tqdm
+
+from virst.config import VirstConfig, preset
+from virst.errors import CheckpointError
+from virst.media import Video, load_video
+from virst.preprocess import to_model_input
+from virst.prompt import (
+    SEG_TOKEN,
+    TINY_TOKENIZER_DIR,
+    Prompt,
+    build_prompt,
+    load_tokenizer,
+)
+from virst.sam2_model import build_sam2
+from virst.sampling import FramePlan, plan_frames
+from virst.stf import InitialSegFusion, SegPrompter
+from virst.tdau import FrameFeatures, encode_frames, propagate
+from virst.vlm import VideoLLM
+
+WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.json"
+
+
+@contextlib.contextmanager
+def init_empty_weights():
+    """Build modules with parameters on the meta device: no memory, no initialisation cost."""
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module, name, param):
+        register(module, name, param)
+        if param is not None:
+            module._parameters[name] = nn.Parameter(param.to("meta"), param.requires_grad)
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+class FrameEncoder:
+    """SAM2 image features on demand, encoded `batch` frames at a time.
+
+    Frames in `keep` stay cached (the segmentation frames are read twice: by the
+    SegPrompter and as anchors); any other frame is dropped once it has been served.
+    """
+
+    def __init__(self, sam, frames: np.ndarray, cfg: VirstConfig, keep=(), batch: int = 4):
+        self.sam, self.frames, self.cfg, self.batch = sam, frames, cfg, batch
+        self.keep, self.cache = set(keep), {}
+        self.device = next(sam.parameters()).device
+        self.dtype = next(sam.parameters()).dtype
+
+    def _encode(self, idx: list[int]) -> None:
+        pixels = to_model_input(self.frames[idx], self.cfg.sam_image_size, self.cfg.sam_resize,
+                                self.device, self.dtype)
+        self.cache.update(zip(idx, encode_frames(self.sam, pixels)))
+
+    def many(self, idx) -> list[FrameFeatures]:
+        todo = sorted(set(idx) - set(self.cache))
+        for i in range(0, len(todo), self.batch):
+            self._encode(todo[i : i + self.batch])
+        return [self.cache[i] for i in idx]
+
+    def __call__(self, t: int) -> FrameFeatures:
+        if t not in self.cache:
+            ahead = range(t, min(t + self.batch, len(self.frames)))
+            self._encode([i for i in ahead if i not in self.cache])
+        return self.cache[t] if t in self.keep else self.cache.pop(t)
+
+
+class VirstModel(nn.Module):
+    def __init__(self, config: VirstConfig, tokenizer: Tokenizer | None = None):
+        super().__init__()
+        self.config = cfg = config
+        self.vlm = VideoLLM(cfg)
+        self.sam2 = build_sam2(cfg)
+        self.seg_prompter = SegPrompter(
+            cfg.llm_hidden, cfg.sam_dim, cfg.stf_grid, cfg.stf_heads, cfg.stf_layers,
+            feat_hw=cfg.sam_feat_size, max_frames=cfg.stf_max_frames,
+        )
+        self.initial_seg_fusion = InitialSegFusion(
+            cfg.llm_hidden, cfg.sam_dim, cfg.sam_dim, cfg.stf_grid, cfg.fusion_heads,
+            feat_hw=cfg.sam_feat_size,
+        )
+        self.tokenizer = tokenizer
+        if tokenizer is not None:
+            check_tokenizer(tokenizer, cfg)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_preset(cls, name: str, seed: int = 0, **overrides) -> VirstModel:
+        """Randomly initialised (seeded) model; the tiny preset brings its tokenizer."""
+        cfg = preset(name, **overrides)
+        tokenizer = load_tokenizer(TINY_TOKENIZER_DIR) if cfg.preset == "tiny" else None
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return cls(cfg, tokenizer).eval()
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        """config.json + model.safetensors (+ tokenizer.json), replaced as a whole."""
+        out = Path(folder)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+        try:
+            self.config.save(tmp / CONFIG)
+            state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+            save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt", "virst": "1"})
+            if self.tokenizer is not None:
+                self.tokenizer.save(str(tmp / TOKENIZER))
+            out.mkdir(exist_ok=True)
+            for f in tmp.iterdir():
+                os.replace(f, out / f.name)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, device: str | torch.device = "cpu") -> VirstModel:
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise CheckpointError(f"model folder {folder} does not exist")
+        for name in (CONFIG, WEIGHTS):
+            if not (folder / name).is_file():
+                raise CheckpointError(f"model folder {folder} has no {name}")
+        cfg = VirstConfig.load(folder / CONFIG)
+        tokenizer = load_tokenizer(folder) if (folder / TOKENIZER).is_file() else None
+        try:
+            state = load_file(str(folder / WEIGHTS), device=str(device))
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(f"cannot read {folder / WEIGHTS}: {err}") from err
+        model = cls(cfg, tokenizer)
+        load_checked(model, state, source=str(folder / WEIGHTS))
+        return model.to(device).eval()
+
+    # ---------------------------------------------------------------------- inference
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def seg_hidden_states(self, prompt: Prompt, video_tokens: torch.Tensor,
+                          seg_features: torch.Tensor) -> torch.Tensor:
+        """(1, N, hidden) final hidden states at the [SEG] positions of one prefill."""
+        embeds = self.vlm.embed_prompt(prompt, video_tokens)
+        positions = prompt.seg_positions(video_tokens.shape[0])
+        if self.config.initial_seg_fusion:
+            embeds = embeds.clone()
+            embeds[:, positions] = self.initial_seg_fusion(embeds[:, positions], seg_features)
+        return self.vlm.hidden_states(embeds)[:, positions]
+
+    def frame_prompts(self, video: Video, plan: FramePlan, prompt: Prompt,
+                      frames: FrameEncoder) -> dict[int, torch.Tensor]:
+        """The VLM + STF half: anchor video frame -> its (1, N, C) prompt tokens."""
+        cfg = self.config
+        pixels = to_model_input(video.frames[list(plan.vlm)], cfg.vlm_image_size,
+                                cfg.vlm_resize, self.device)
+        video_tokens = self.vlm.encode_video(pixels)
+        seg_features = torch.cat([f.level2 for f in frames.many(plan.seg)])[None]
+        hidden = self.seg_hidden_states(prompt, video_tokens, seg_features)
+        prompts = self.seg_prompter(hidden, seg_features)  # (1, N, T_seg, C)
+        return {frame: prompts[:, :, pos] for frame, pos in plan.anchor_frames.items()}
+
+    @torch.inference_mode()
+    def segment(self, video, expression: str, *, return_logits: bool = False,
+                seed: int | None = None, progress: bool = False) -> np.ndarray:
+        """Masks (T, H, W) bool for every frame (logits float32 when `return_logits`).
+
+        `video`: a frame folder, a video file, an (T, H, W, 3) array or a `Video`.
+        `seed`: None for the deterministic frame choice, an int for the release's random one.
+        """
+        if self.tokenizer is None:
+            raise CheckpointError("this model has no tokenizer: load one with from_pretrained")
+        video = load_video(video)
+        prompt = build_prompt(self.tokenizer, expression, self.config.num_seg_tokens)
+        plan = plan_frames(len(video), self.config, seed)
+        frames = FrameEncoder(self.sam2, video.frames, self.config, keep=plan.seg)
+        prompts = self.frame_prompts(video, plan, prompt, frames)
+        out = np.zeros((len(video), *video.size), np.float32 if return_logits else bool)
+        steps = propagate(self.sam2, frames, prompts, len(video),
+                          bf16_storage=self.config.memory_bf16_storage)
+        for t, result in tqdm(steps, total=len(video), desc="segment", disable=not progress):
+            logits = F.interpolate(result.low_res, size=video.size, mode="bilinear",
+                                   align_corners=False)[0, 0]
+            out[t] = (logits if return_logits else logits > 0).cpu().numpy()
+        return out
+
+
+# ---------------------------------------------------------------------------- checks
+
+
+def check_tokenizer(tokenizer: Tokenizer, cfg: VirstConfig) -> None:
+    seg = tokenizer.token_to_id(SEG_TOKEN)
+    if seg != cfg.seg_token_id:
+        raise CheckpointError(
+            f"tokenizer maps {SEG_TOKEN} to {seg}, the config expects {cfg.seg_token_id}"
+        )
+    if tokenizer.get_vocab_size() > cfg.vocab_size:
+        raise CheckpointError(f"tokenizer has {tokenizer.get_vocab_size()} tokens, the "
+                              f"embedding only {cfg.vocab_size} rows")
+
+
+def _listing(names: list[str], limit: int = 8) -> str:
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def load_checked(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load `state` into `model`, refusing missing, unexpected or mis-shaped tensors by name."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = sorted(
+        f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}"
+        for k, v in expected.items() if k in state and state[k].shape != v.shape
+    )
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing: {_listing(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected: {_listing(unexpected)}")
+    if mismatched:
+        problems.append(f"{len(mismatched)} with another shape: {_listing(mismatched)}")
+    if problems:
+        raise CheckpointError(f"{source} does not match the model: " + "; ".join(problems))
+    model.load_state_dict(state, strict=True)
+
+
+def parameter_table(model: VirstModel) -> list[tuple[str, int]]:
+    """Parameter count per part, in pipeline order."""
+    parts = [
+        ("UMT video tower", model.vlm.vision_tower),
+        ("ToMe projector", model.vlm.mm_projector),
+        ("Qwen2 decoder (incl. embeddings)", model.vlm.llm),
+        ("lm_head (training only)", model.vlm.lm_head),
+        ("SAM2 image encoder", model.sam2.image_encoder),
+        ("SAM2 memory attention", model.sam2.memory_attention),
+        ("SAM2 memory encoder", model.sam2.memory_encoder),
+        ("SAM2 prompt enc. + mask decoder", nn.ModuleList(
+            [model.sam2.sam_prompt_encoder, model.sam2.sam_mask_decoder])),
+        ("SegPrompter (STF stage 2)", model.seg_prompter),
+        ("InitialSegFusion (STF stage 1)", model.initial_seg_fusion),
+    ]
+    rows = [(name, sum(p.numel() for p in m.parameters())) for name, m in parts]
+    counted = sum(n for _, n in rows)
+    total = sum(p.numel() for p in model.parameters())
+    rows.append(("SAM2 pointers, embeddings, other", total - counted))
+    rows.append(("total", total))
+    return rows
+
+
+def describe(config: VirstConfig) -> str:
+    with init_empty_weights():
+        model = VirstModel(config)
+    rows = parameter_table(model)
+    width = max(len(n) for n, _ in rows)
+    lines = [f"{'part':<{width}}  {'parameters':>15}"]
+    lines += [f"{n:<{width}}  {c:>15,}" for n, c in rows]
+    return "\n".join(lines)
