@@ -117,3 +117,20 @@ def test_sam2_keys_and_shapes_equal_the_official_sam2_1_hiera_large():
     want = {k: tuple(v.shape) for k, v in official.state_dict().items()}
     have = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
     assert have == want
+
+
+def test_initial_seg_fusion_flag_changes_the_llm_input(clip):
+    """Stage-1 fusion is off by default (as in the official evaluation) and, when switched
+    on, writes the fused [SEG] embeddings back before the LLM."""
+    off = VirstModel.from_preset("tiny", seed=0)
+    on = VirstModel.from_preset("tiny", seed=0, initial_seg_fusion=True)
+    on.load_state_dict(off.state_dict())
+    with torch.no_grad():
+        for m in (off, on):
+            m.sam2.sam_mask_decoder.pred_obj_score_head.layers[-1].bias += 1.0
+    a = off.segment(clip[:8], "the red circle", return_logits=True)
+    b = on.segment(clip[:8], "the red circle", return_logits=True)
+    assert not np.allclose(a, b)
+    with torch.no_grad():
+        on.initial_seg_fusion.gate.zero_()  # a closed gate is the identity
+    assert np.array_equal(on.segment(clip[:8], "the red circle", return_logits=True), a)
