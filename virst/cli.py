@@ -1,4 +1,4 @@
-"""The `virst` command: segment, demo, info."""
+"""The `virst` command: segment, eval, data, demo, info."""
 
 from __future__ import annotations
 
@@ -65,6 +65,32 @@ def cmd_demo(args) -> None:
           f"{took:.1f} s ({t / took:.1f} FPS); masks in {out / 'masks'}")
 
 
+def cmd_eval(args) -> None:
+    from virst.data.shapes import write_split
+    from virst.eval.run import evaluate, report
+
+    root = Path(args.root)
+    meta = root / f"meta_expressions_{args.split}_.json"
+    if args.dataset == "shapes" and not meta.is_file():
+        print(f"generating the shapes {args.split} split in {root}", file=sys.stderr)
+        write_split(root, args.split, args.count)
+    model = None if args.pred else load_model(args.model, args.device)
+    result = evaluate(args.dataset, root, args.output, model=model,
+                      model_label=str(args.model or "default"), pred_dir=args.pred,
+                      split=args.split, workers=args.workers)
+    print(report(result))
+    print(f"results in {Path(args.output) / 'results.json'}")
+
+
+def cmd_data(args) -> None:
+    from virst.data.shapes import write_split
+
+    for split in args.splits.split(","):
+        count = {"train": args.train, "valid": args.valid, "test": args.test}[split]
+        meta = write_split(args.root, split, count)
+        print(f"{split}: {count} videos, {meta}")
+
+
 def cmd_info(args) -> None:
     from virst.config import preset
     from virst.model import describe
@@ -92,6 +118,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=cmd_demo)
+
+    p = sub.add_parser("eval", help="score a model or saved predictions on an RVOS dataset")
+    p.add_argument("--dataset", required=True,
+                   choices=["revos", "mevis", "refytvos", "davis17", "shapes"])
+    p.add_argument("--root", required=True, help="dataset folder (shapes: generated if empty)")
+    p.add_argument("-o", "--output", required=True, help="folder for predictions and scores")
+    p.add_argument("--model", help="model folder (default: the embedded model)")
+    p.add_argument("--pred", help="score these saved predictions instead of running a model")
+    p.add_argument("--split", default="valid")
+    p.add_argument("--count", type=int, default=24, help="shapes videos to generate if absent")
+    p.add_argument("--workers", type=int, default=None, help="scoring processes")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(run=cmd_eval)
+
+    p = sub.add_parser("data", help="generate the shapes benchmark (ReVOS layout)")
+    p.add_argument("name", choices=["shapes"])
+    p.add_argument("--root", required=True)
+    p.add_argument("--splits", default="valid,test")
+    p.add_argument("--valid", type=int, default=24)
+    p.add_argument("--test", type=int, default=24)
+    p.add_argument("--train", type=int, default=2000)
+    p.set_defaults(run=cmd_data)
 
     p = sub.add_parser("info", help="parameter count per part of a preset")
     p.add_argument("--preset", default="virst-7b")

@@ -27,10 +27,8 @@ class Shape:
     depth: int = 0  # larger is drawn later (in front)
 
 
-def shape_mask(kind: str, cx: float, cy: float, r: float, h: int, w: int) -> np.ndarray:
-    """Boolean (h, w) mask of one shape centred at (cx, cy) with half-extent r."""
-    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
-    dx, dy = (x + 0.5 - cx) / r, (y + 0.5 - cy) / r
+def _unit_mask(kind: str, dx: np.ndarray, dy: np.ndarray) -> np.ndarray:
+    """Shape test in coordinates normalised by the radius."""
     if kind == "circle":
         return dx * dx + dy * dy <= 1
     if kind == "ring":
@@ -44,9 +42,20 @@ def shape_mask(kind: str, cx: float, cy: float, r: float, h: int, w: int) -> np.
         return (dy <= 0.8) & (dy >= 2 * np.abs(dx) - 1.2)
     if kind == "star":
         ang = np.arctan2(dy, dx)
-        rad = np.sqrt(dx * dx + dy * dy)
-        return rad <= 0.55 + 0.45 * np.abs(np.cos(2.5 * ang)) ** 3
+        return np.sqrt(dx * dx + dy * dy) <= 0.55 + 0.45 * np.abs(np.cos(2.5 * ang)) ** 3
     raise ValueError(f"unknown shape kind {kind!r}")
+
+
+def shape_mask(kind: str, cx: float, cy: float, r: float, h: int, w: int) -> np.ndarray:
+    """Boolean (h, w) mask of one shape centred at (cx, cy) with half-extent r."""
+    mask = np.zeros((h, w), bool)
+    y0, y1 = max(0, int(cy - r) - 1), min(h, int(cy + r) + 2)
+    x0, x1 = max(0, int(cx - r) - 1), min(w, int(cx + r) + 2)
+    if y0 >= y1 or x0 >= x1:
+        return mask
+    y, x = np.mgrid[y0:y1, x0:x1].astype(np.float32)
+    mask[y0:y1, x0:x1] = _unit_mask(kind, (x + 0.5 - cx) / r, (y + 0.5 - cy) / r)
+    return mask
 
 
 def background(h: int, w: int, rng: np.random.Generator) -> np.ndarray:

@@ -1,0 +1,98 @@
+"""`virst eval`: ground truth scores 100, a model runs end to end, runs resume, gaps are
+reported, on the generated shapes benchmark."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import virst.eval.scoring as scoring
+from virst.data.rvos import open_dataset
+from virst.data.shapes import write_split
+from virst.errors import InputError
+from virst.eval.run import evaluate, report
+from virst.media import save_masks
+
+
+@pytest.fixture(scope="module")
+def shapes_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes")
+    write_split(root, "valid", 3, progress=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def gt_pred(shapes_root, tmp_path_factory):
+    """Ground truth written as predictions."""
+    pred = tmp_path_factory.mktemp("gt_pred")
+    ds = open_dataset("shapes", shapes_root)
+    for e in ds.expressions:
+        save_masks(ds.ground_truth(e).astype(np.uint8) * 255, list(e.frames),
+                   pred / e.video / e.exp_id)
+    return pred
+
+
+def test_ground_truth_as_predictions_scores_100(shapes_root, gt_pred, tmp_path):
+    result = evaluate("shapes", shapes_root, tmp_path / "out", pred_dir=gt_pred, workers=2,
+                      progress=False)
+    for split in ("referring", "reasoning", "overall"):
+        for metric in ("J", "F", "J&F", "A", "R"):
+            assert result["table"][split][metric] == pytest.approx(100.0), (split, metric)
+    assert result["missing_predictions"] == {}
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert saved["table"] == result["table"]
+    assert "overall" in report(result)
+
+
+def test_resume_scores_only_unfinished_expressions(shapes_root, gt_pred, tmp_path,
+                                                   monkeypatch):
+    out = tmp_path / "out"
+    full = evaluate("shapes", shapes_root, out, pred_dir=gt_pred, workers=1, progress=False)
+    lines = (out / "scores.jsonl").read_text().splitlines()
+    (out / "scores.jsonl").write_text("\n".join(lines[:3]) + "\n")  # "interrupted" after 3
+    calls = []
+    real = scoring.score_expression
+    monkeypatch.setattr(scoring, "score_expression",
+                        lambda ds, i, p: calls.append(i) or real(ds, i, p))
+    again = evaluate("shapes", shapes_root, out, pred_dir=gt_pred, workers=1, progress=False)
+    assert len(calls) == len(lines) - 3
+    assert again["table"] == full["table"]
+    with pytest.raises(InputError, match="holds another evaluation"):
+        evaluate("shapes", shapes_root, out, pred_dir=tmp_path, workers=1, progress=False)
+
+
+def test_missing_predictions_count_as_empty_and_are_reported(shapes_root, gt_pred, tmp_path):
+    import shutil
+
+    pred = tmp_path / "pred"
+    shutil.copytree(gt_pred, pred)
+    ds = open_dataset("shapes", shapes_root)
+    e = ds.expressions[0]
+    gt = ds.ground_truth(e)
+    target = next(i for i in range(len(e.frames)) if gt[i].any())
+    (pred / e.video / e.exp_id / f"{e.frames[target]}.png").unlink()
+    (pred / e.video / e.exp_id / f"{e.frames[-1]}.png").write_bytes(b"not a png")
+    result = evaluate("shapes", shapes_root, tmp_path / "out", pred_dir=pred, workers=1,
+                      progress=False)
+    assert result["missing_predictions"] == {e.key: [e.frames[target], e.frames[-1]]}
+    first = result["expressions"][0]
+    assert first["J"] < 1.0
+    assert "missing or unreadable" in report(result)
+
+
+def test_cli_eval_runs_the_tiny_model_end_to_end(tmp_path):
+    res = subprocess.run(
+        [sys.executable, "-m", "virst.cli", "eval", "--dataset", "shapes", "--root",
+         str(tmp_path / "shapes"), "--count", "2", "-o", str(tmp_path / "out"),
+         "--workers", "2"], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    assert "generating the shapes valid split" in res.stderr
+    assert "overall" in res.stdout and "referring" in res.stdout
+    result = json.loads((tmp_path / "out" / "results.json").read_text())
+    n = result["table"]["overall"]["expressions"]
+    assert n == len(result["expressions"]) >= 4
+    pngs = list((tmp_path / "out" / "pred").rglob("*.png"))
+    assert len(pngs) == sum(len(open_dataset("shapes", tmp_path / "shapes").expressions[i].frames)
+                            for i in range(n))

@@ -1,0 +1,1 @@
+"""Evaluation: metrics, scoring of whole datasets, the `virst eval` runner."""
