@@ -1,4 +1,4 @@
-"""The `virst` command: segment, eval, data, demo, info."""
+"""The `virst` command: segment, eval, data, train, convert, demo, info."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from virst.errors import VirstError
+from virst.errors import InputError, VirstError
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "default-model"
 
@@ -91,6 +91,55 @@ def cmd_data(args) -> None:
         print(f"{split}: {count} videos, {meta}")
 
 
+def cmd_train(args) -> None:
+    import shutil
+
+    from virst.config import preset
+    from virst.data.shapes import write_split
+    from virst.eval.run import evaluate, report
+    from virst.model import VirstModel
+    from virst.train.trainer import TrainConfig, Trainer
+
+    if args.data != "shapes":
+        raise InputError(f"training data {args.data!r}: only the generated shapes are here")
+    stages = ([1, 2, 3] if args.init else [0, 1, 2, 3]) if args.stage == "all" else [
+        int(args.stage)]
+    cfg = TrainConfig(out=args.output, stages=stages, lora=args.lora, seed=args.seed,
+                      accumulate=args.accumulate, eval_videos=args.eval_videos,
+                      save_every=args.save_every)
+    for stage, steps in zip(stages, args.steps or []):
+        cfg.steps[stage] = steps
+    model = (VirstModel.from_pretrained(args.init) if args.init
+             else VirstModel.from_preset(args.preset, seed=args.seed))
+    if model.config != preset(model.config.preset) and not args.init:
+        raise InputError("unexpected config")
+    val_root = Path(args.output) / "shapes"
+
+    def validate(model, stage):
+        if cfg.eval_videos <= 0:
+            return None
+        if not (val_root / "meta_expressions_valid_.json").is_file():
+            write_split(val_root, "valid", cfg.eval_videos, progress=False)
+        out = Path(args.output) / f"eval-stage{stage}"
+        shutil.rmtree(out, ignore_errors=True)
+        result = evaluate("shapes", val_root, out, model=model, model_label=f"stage{stage}")
+        print(report(result))
+        return result["table"]
+
+    Trainer(model, cfg).run(validate=validate)
+    print(f"model in {Path(args.output) / 'model'}")
+
+
+def cmd_convert(args) -> None:
+    from virst.checkpoint import convert
+    from virst.config import preset
+
+    table = convert(args.official, args.output, videochat=args.videochat, sam2=args.sam2,
+                    config=preset(args.preset), alpha=args.lora_alpha)
+    print(table)
+    print(f"model in {args.output}")
+
+
 def cmd_info(args) -> None:
     from virst.config import preset
     from virst.model import describe
@@ -140,6 +189,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test", type=int, default=24)
     p.add_argument("--train", type=int, default=2000)
     p.set_defaults(run=cmd_data)
+
+    p = sub.add_parser("train", help="progressive training (resumes from -o if interrupted)")
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--data", default="shapes")
+    p.add_argument("--stage", default="all", choices=["0", "1", "2", "3", "all"])
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--init", help="model folder to start from (default: random init)")
+    p.add_argument("--steps", type=lambda s: [int(x) for x in s.split(",")],
+                   help="optimizer steps per stage, comma-separated in stage order")
+    p.add_argument("--lora", action="store_true", help="LoRA (r 64, alpha 16) on the LLM")
+    p.add_argument("--accumulate", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-every", type=int, default=50)
+    p.add_argument("--eval-videos", type=int, default=24)
+    p.set_defaults(run=cmd_train)
+
+    p = sub.add_parser("convert", help="import the authors' released checkpoint")
+    p.add_argument("--official", required=True, help="the release's .pt (model_state_dict)")
+    p.add_argument("--videochat", help="VideoChat-Flash-Qwen2-7B_res448 folder (fallback, "
+                                       "tokenizer)")
+    p.add_argument("--sam2", help="sam2.1_hiera_large.pt (fallback)")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--preset", default="virst-7b")
+    p.add_argument("--lora-alpha", type=float, default=16.0)
+    p.set_defaults(run=cmd_convert)
 
     p = sub.add_parser("info", help="parameter count per part of a preset")
     p.add_argument("--preset", default="virst-7b")

@@ -158,15 +158,18 @@ class VirstModel(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
-    def seg_hidden_states(self, prompt: Prompt, video_tokens: torch.Tensor,
-                          seg_features: torch.Tensor) -> torch.Tensor:
-        """(1, N, hidden) final hidden states at the [SEG] positions of one prefill."""
-        embeds = self.vlm.embed_prompt(prompt, video_tokens)
+    def prefill(self, prompt: Prompt, video_tokens: torch.Tensor, seg_features: torch.Tensor,
+                full: bool = False) -> tuple[torch.Tensor, list[int]]:
+        """Final hidden states (1, L, hidden) of one prefill and the [SEG] positions.
+
+        Inference stops at the last [SEG] (`full=False`); the trainer needs the whole answer.
+        """
+        embeds = self.vlm.embed_prompt(prompt, video_tokens, full=full)
         positions = prompt.seg_positions(video_tokens.shape[0])
         if self.config.initial_seg_fusion:
             embeds = embeds.clone()
             embeds[:, positions] = self.initial_seg_fusion(embeds[:, positions], seg_features)
-        return self.vlm.hidden_states(embeds)[:, positions]
+        return self.vlm.hidden_states(embeds), positions
 
     def frame_prompts(self, video: Video, plan: FramePlan, prompt: Prompt,
                       frames: FrameEncoder) -> dict[int, torch.Tensor]:
@@ -176,8 +179,8 @@ class VirstModel(nn.Module):
                                 cfg.vlm_resize, self.device)
         video_tokens = self.vlm.encode_video(pixels)
         seg_features = torch.cat([f.level2 for f in frames.many(plan.seg)])[None]
-        hidden = self.seg_hidden_states(prompt, video_tokens, seg_features)
-        prompts = self.seg_prompter(hidden, seg_features)  # (1, N, T_seg, C)
+        hidden, positions = self.prefill(prompt, video_tokens, seg_features)
+        prompts = self.seg_prompter(hidden[:, positions], seg_features)  # (1, N, T_seg, C)
         return {frame: prompts[:, :, pos] for frame, pos in plan.anchor_frames.items()}
 
     @torch.inference_mode()

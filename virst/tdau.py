@@ -118,14 +118,22 @@ class FrameFeatures:
     def high_res(self) -> list[torch.Tensor]:
         return [self._grid(v, s) for v, s in zip(self.vision[:-1], self.sizes[:-1])]
 
+    def select(self, b: int) -> FrameFeatures:
+        """Frame b of a batch, as a batch of one."""
+        return FrameFeatures([v[:, b : b + 1] for v in self.vision],
+                             [p[:, b : b + 1] for p in self.pos], self.sizes)
 
-def encode_frames(sam: SAM2Base, pixels: torch.Tensor) -> list[FrameFeatures]:
+
+def encode_batch(sam: SAM2Base, pixels: torch.Tensor) -> FrameFeatures:
     """Run the image encoder (and the decoder's conv_s0/s1) on (B, 3, S, S) pixels."""
     _, vision, pos, sizes = sam._prepare_backbone_features(sam.forward_image(pixels))
-    return [
-        FrameFeatures([v[:, b : b + 1] for v in vision], [p[:, b : b + 1] for p in pos], sizes)
-        for b in range(pixels.shape[0])
-    ]
+    return FrameFeatures(vision, pos, sizes)
+
+
+def encode_frames(sam: SAM2Base, pixels: torch.Tensor) -> list[FrameFeatures]:
+    """`encode_batch`, split into one batch-1 `FrameFeatures` per frame."""
+    batch = encode_batch(sam, pixels)
+    return [batch.select(b) for b in range(pixels.shape[0])]
 
 
 @dataclass
@@ -137,15 +145,18 @@ class FrameOutput:
     obj_ptr: torch.Tensor  # (1, C)
     low_res: torch.Tensor  # (1, 1, 4h, 4w) mask logits
     obj_score: torch.Tensor  # (1, 1); <= 0 means the object is absent
+    ious: torch.Tensor | None = None  # (1, 3) predicted IoU of the 3 candidate masks
+    candidates: torch.Tensor | None = None  # (1, 3, 4h, 4w) raw logits (training losses)
 
 
 @dataclass
 class HeadOutput:
-    low_res: torch.Tensor
+    low_res: torch.Tensor  # best candidate, no-object frames set to NO_OBJ_SCORE
     high_res: torch.Tensor
     obj_ptr: torch.Tensor
     obj_score: torch.Tensor
     ious: torch.Tensor
+    candidates: torch.Tensor  # the 3 raw candidates, before the no-object replacement
 
 
 def no_prompt_tokens(sam: SAM2Base) -> torch.Tensor:
@@ -173,7 +184,8 @@ def decode_masks(sam: SAM2Base, pix_feat: torch.Tensor, high_res: list[torch.Ten
         multimask_output=True, repeat_image=False, high_res_features=high_res,
     )
     appearing = score > 0
-    low = torch.where(appearing[:, None, None], low, NO_OBJ_SCORE).float()
+    candidates = low.float()
+    low = torch.where(appearing[:, None, None], candidates, NO_OBJ_SCORE)
     rows = torch.arange(b, device=low.device)
     best = ious.argmax(dim=-1)
     low = low[rows, best].unsqueeze(1)
@@ -181,7 +193,7 @@ def decode_masks(sam: SAM2Base, pix_feat: torch.Tensor, high_res: list[torch.Ten
                          align_corners=False)
     present = appearing.float()
     ptr = present * sam.obj_ptr_proj(tokens[rows, best]) + (1 - present) * sam.no_obj_ptr
-    return HeadOutput(low, high, ptr, score, ious)
+    return HeadOutput(low, high, ptr, score, ious, candidates)
 
 
 def encode_memory(sam: SAM2Base, feats: FrameFeatures, head: HeadOutput,
@@ -194,15 +206,21 @@ def encode_memory(sam: SAM2Base, feats: FrameFeatures, head: HeadOutput,
     )
     if bf16_storage:
         maskmem = maskmem.to(torch.bfloat16)
-    return FrameOutput(maskmem, pos[-1], head.obj_ptr, head.low_res, head.obj_score)
+    return FrameOutput(maskmem, pos[-1], head.obj_ptr, head.low_res, head.obj_score,
+                       head.ious, head.candidates)
+
+
+def anchor_heads(sam: SAM2Base, feats: FrameFeatures, prompt: torch.Tensor) -> HeadOutput:
+    """Anchor frames, SAM-like: features + no_mem_embed, prompt tokens as the sparse prompt.
+    Batched: `feats` and `prompt` (B, N, C) may hold several frames."""
+    pix = FrameFeatures._grid(feats.vision[-1] + sam.no_mem_embed, feats.sizes[-1])
+    return decode_masks(sam, pix, feats.high_res, prompt)
 
 
 def predict_anchor(sam: SAM2Base, feats: FrameFeatures, prompt: torch.Tensor,
                    bf16_storage: bool = True) -> FrameOutput:
-    """An anchor frame, SAM-like: features + no_mem_embed, prompt tokens as sparse prompt."""
-    pix = FrameFeatures._grid(feats.vision[-1] + sam.no_mem_embed, feats.sizes[-1])
-    head = decode_masks(sam, pix, feats.high_res, prompt)
-    return encode_memory(sam, feats, head, bf16_storage)
+    """One anchor frame's prediction and its memory."""
+    return encode_memory(sam, feats, anchor_heads(sam, feats, prompt), bf16_storage)
 
 
 def pointer_tokens(sam: SAM2Base, plan: MemoryPlan, bank: dict[int, FrameOutput],

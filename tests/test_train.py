@@ -1,0 +1,132 @@
+"""Trainer: losses on hand-made tensors, the stage freezing, loss going down in every stage,
+and a resumed run reaching exactly the state of an uninterrupted one."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from virst.data.render import Shape, render
+from virst.model import VirstModel
+from virst.train import losses as L
+from virst.train.stages import STAGES, parameter_groups, set_trainable
+from virst.train.step import Sample, answer_targets, keyframes
+from virst.train.trainer import TrainConfig, Trainer
+
+
+def test_bce_dice_iou_token_occlusion_values():
+    zeros = torch.zeros(2, 4, 4)
+    target = torch.zeros(2, 4, 4)
+    target[:, :2] = 1
+    assert torch.allclose(L.sigmoid_bce(zeros, target), torch.full((2,), math.log(2)))
+    x = torch.tensor([[2.0]])
+    assert torch.allclose(L.sigmoid_bce(x[None], torch.ones(1, 1, 1)),
+                          torch.tensor([math.log(1 + math.exp(-2))]))
+    perfect = (target * 2 - 1) * 50
+    assert torch.allclose(L.dice(perfect, target), torch.zeros(2), atol=1e-6)
+    # all background: dice = 1 - (0 + 1) / (0 + 8 + 1)
+    assert torch.allclose(L.dice(-50 * torch.ones(2, 4, 4), target), torch.full((2,), 8 / 9))
+    half = torch.full((4, 4), -1.0)
+    half[0] = 1  # 4 px predicted, target 8 px, overlap 4 -> IoU 0.5
+    assert L.mask_iou(half, target[0]).item() == pytest.approx(0.5)
+    assert L.mask_iou(-torch.ones(4, 4), torch.zeros(4, 4)).item() == 1.0
+    assert L.token_ce(torch.zeros(3, 10), torch.tensor([1, L.IGNORE, 4])).item() == (
+        pytest.approx(math.log(10)))
+    assert L.occlusion(torch.zeros(1), torch.ones(1)).item() == pytest.approx(math.log(2))
+    parts = {k: torch.tensor(1.0) for k in L.WEIGHTS}
+    assert L.total(parts).item() == pytest.approx(3.1)
+
+
+def test_frame_losses_train_the_best_candidate_and_skip_absent_frames():
+    target = torch.zeros(8, 8)
+    target[2:6, 2:6] = 1
+    good = (target * 2 - 1) * 10
+    candidates = torch.stack([-good, good, torch.zeros(8, 8)]).requires_grad_()
+    ious = torch.tensor([0.0, 1.0, 0.5])
+    fl = L.frame_losses(candidates, ious, torch.tensor([3.0]), target, size=8)
+    assert fl.dice.item() < 0.01  # candidate 1, the best, is the one trained
+    assert fl.iou.item() == pytest.approx((0 + 0 + abs(0.5 - 0.0)) / 3)  # IoUs 0, 1, 0
+    fl.bce.backward()
+    assert candidates.grad[0].abs().sum() == 0 and candidates.grad[1].abs().sum() > 0
+    absent = L.frame_losses(candidates, ious, torch.tensor([3.0]), torch.zeros(8, 8), size=8)
+    assert absent.bce.item() == absent.dice.item() == absent.iou.item() == 0
+    assert absent.occlusion.item() == pytest.approx(math.log(1 + math.exp(3)))
+
+
+def test_keyframes_and_answer_targets():
+    assert keyframes(20, [0, 10]) == [0, 1, 2, 3, 4, 5, 8, 9, 10, 11, 12, 13, 14, 15]
+    assert keyframes(6, [5]) == [3, 4, 5]
+    model = VirstModel.from_preset("tiny")
+    from virst.prompt import build_prompt
+
+    p = build_prompt(model.tokenizer, "the red circle")
+    seg = model.tokenizer.token_to_id("[SEG]")
+    pos, labels = answer_targets(p, 32, seg)
+    assert seg not in labels and len(labels) == len(p.after) - p.answer_start - 10
+    assert pos[0] == len(p.before) + 32 + p.answer_start - 1  # predicts the answer's 1st token
+
+
+def test_stage_freezing_follows_the_paper():
+    model = VirstModel.from_preset("tiny")
+    groups = {g: {n for n, _ in ps} for g, ps in parameter_groups(model).items()}
+    assert sum(len(v) for v in groups.values()) == len(list(model.parameters()))
+    assert all(n.startswith(("seg_prompter.", "initial_seg_fusion.")) for n in groups["stf"])
+    assert "sam2.sam_mask_decoder.iou_token.weight" in groups["sam_heads"]
+    assert "sam2.memory_attention.layers.0.linear1.weight" in groups["sam_heads"]
+    assert "sam2.maskmem_tpos_enc" in groups["sam_heads"]
+    expected = {1: {"stf", "llm"}, 2: {"stf", "llm", "sam_heads"},
+                3: {"stf", "llm", "sam_heads", "sam_encoder", "vision"}}
+    for stage, want in expected.items():
+        trainable = set(set_trainable(model, STAGES[stage], lora=False))
+        assert trainable == set().union(*(groups[g] for g in want)), stage
+        assert not trainable & groups["sam_encoder"] or stage == 3
+    from virst.train.stages import apply_lora
+
+    apply_lora(model, r=4)
+    names = set_trainable(model, STAGES[1], lora=True)
+    llm = [n for n in names if n.startswith("vlm.")]
+    assert llm and all("lora_" in n for n in llm)  # base LLM and lm_head frozen
+    assert not any(n.startswith("sam2.") for n in names)
+
+
+def toy_sample(index: int) -> Sample:
+    t = 8
+    rng = np.random.default_rng(index)
+    path = np.stack([np.linspace(10, 60, t), np.full(t, 30.0)], 1)
+    shapes = [Shape("circle", "red", 9, path, 1),
+              Shape("square", "blue", 10, np.tile([[40.0, 20.0]], (t, 1)), 0)]
+    frames, masks = render(shapes, 48, 72, t, rng)
+    return Sample(frames, ["the red circle", "the blue square"], [masks[0], masks[1]], 0)
+
+
+def _toy_trainer(tmp_path, **kw):
+    model = VirstModel.from_preset("tiny", seed=0)
+    cfg = TrainConfig(out=str(tmp_path), eval_videos=0, warmup=0.0, **kw)
+    return Trainer(model, cfg, sample_fn=lambda i: toy_sample(0))
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_loss_decreases_in_every_stage(tmp_path, stage):
+    trainer = _toy_trainer(tmp_path, stages=[stage], steps={stage: 6}, lr={stage: 2e-3},
+                           save_every=100)
+    trainer.run()
+    curve = trainer.history[0]["loss_curve"]
+    assert len(curve) == 6
+    assert np.mean(curve[-2:]) < np.mean(curve[:2]), (stage, curve)
+
+
+def test_resume_after_interrupt_reaches_the_same_parameters(tmp_path):
+    kw = dict(stages=[1, 3], steps={1: 2, 3: 2}, lr={1: 1e-3, 3: 1e-3}, lora=True,
+              save_every=1)
+    straight = _toy_trainer(tmp_path / "a", **kw)
+    straight.run()
+    interrupted = _toy_trainer(tmp_path / "b", **kw)
+    interrupted.run(stop_after=3)  # stops inside stage 3, LoRA adapters active
+    assert interrupted.position["stage_index"] == 1 and interrupted.position["step"] == 1
+    resumed = _toy_trainer(tmp_path / "b", **kw)
+    resumed.run()
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert a.keys() == b.keys() and not any("lora_" in k for k in a)  # merged at the end
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "b" / "model" / "model.safetensors").is_file()

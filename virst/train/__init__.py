@@ -1,0 +1,1 @@
+"""Training: losses, stage schedule, data, the trainer loop."""

@@ -1,0 +1,80 @@
+"""The training losses, each written once:
+
+    L = 1.0 bce + 1.0 dice + 1.0 token-CE + 0.05 occlusion + 0.05 IoU
+
+Mask losses follow SAM2's multimask recipe, which is what makes the best-of-3 choice at
+inference meaningful: of the 3 candidate masks only the one with the lowest bce + dice is
+trained, the IoU head regresses the true IoU of all 3, and mask losses apply only to frames
+where the object is present (the occlusion head learns presence).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+WEIGHTS = {"bce": 1.0, "dice": 1.0, "token": 1.0, "occlusion": 0.05, "iou": 0.05}
+IGNORE = -100
+
+
+def sigmoid_bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean binary cross-entropy per mask: (..., H, W) -> (...)."""
+    return F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean((-2, -1))
+
+
+def dice(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """1 - soft Dice per mask (smoothed by eps, as LISA/VIRST): (..., H, W) -> (...)."""
+    p = logits.sigmoid().flatten(-2)
+    t = target.flatten(-2)
+    return 1 - (2 * (p * t).sum(-1) + eps) / (p.sum(-1) + t.sum(-1) + eps)
+
+
+def mask_iou(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """IoU of thresholded masks (logit > 0) with the target: (..., H, W) -> (...)."""
+    p, t = logits > 0, target > 0.5
+    inter = (p & t).sum((-2, -1)).float()
+    union = (p | t).sum((-2, -1)).float()
+    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(inter))
+
+
+def token_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy: logits (L, V) at positions 0..L-1 predict labels (L,)
+    (already shifted; IGNORE marks positions without a target)."""
+    return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE)
+
+
+def occlusion(score: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """BCE of the object-score logit against presence of the object in the frame."""
+    return F.binary_cross_entropy_with_logits(score.float(), present.float())
+
+
+@dataclass
+class FrameLosses:
+    bce: torch.Tensor
+    dice: torch.Tensor
+    iou: torch.Tensor
+    occlusion: torch.Tensor
+
+
+def frame_losses(candidates: torch.Tensor, ious: torch.Tensor, score: torch.Tensor,
+                 target: torch.Tensor, size: int) -> FrameLosses:
+    """Losses of one frame: candidates (3, h, w) raw logits, ious (3,), score (1,),
+    target (size, size) float. Candidates are upsampled to `size` as SAM2 does."""
+    present = bool((target > 0.5).any())
+    occ = occlusion(score.reshape(1), torch.tensor([float(present)], device=score.device))
+    if not present:
+        zero = candidates.sum() * 0
+        return FrameLosses(zero, zero, zero, occ)
+    up = F.interpolate(candidates[None].float(), size=(size, size), mode="bilinear",
+                       align_corners=False)[0]
+    t = target.expand_as(up)
+    bce, dsc = sigmoid_bce(up, t), dice(up, t)
+    best = (bce + dsc).argmin()
+    iou = (ious.float() - mask_iou(up.detach(), t)).abs().mean()
+    return FrameLosses(bce[best], dsc[best], iou, occ)
+
+
+def total(parts: dict[str, torch.Tensor]) -> torch.Tensor:
+    return sum(WEIGHTS[k] * v for k, v in parts.items())

@@ -1,0 +1,90 @@
+"""The progressive schedule: which parameters train in which stage, and LoRA on Qwen2.
+
+Paper (section "Three-stage progressive training"):
+  1 align      SAM2 frozen; STF and the LLM's LoRA adapters train;
+  2 segment    + SAM2's mask decoder and memory modules, per-frame (image-level) masks;
+  3 propagate  everything, with anchor-based propagation.
+Stage 0 is ours: the tiny preset has no pretrained VideoChat-Flash or SAM2 to start from,
+so its recipe first trains every parameter from scratch, alternating per-frame masks and
+propagation (memory attention learns nothing from per-frame masks alone).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from virst.model import VirstModel
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass(frozen=True)
+class Stage:
+    number: int
+    name: str
+    groups: tuple[str, ...]
+    mode: str  # "anchors": every segmentation frame an independent anchor; "propagate":
+    # 3 random anchors and SAM2 memory over the frames around them; "mixed": alternate
+
+    def mode_for(self, sample_index: int) -> str:
+        if self.mode != "mixed":
+            return self.mode
+        return "anchors" if sample_index % 2 == 0 else "propagate"
+
+
+STAGES = {
+    0: Stage(0, "from scratch", ("stf", "llm", "sam_heads", "sam_encoder", "vision"), "mixed"),
+    1: Stage(1, "align", ("stf", "llm"), "anchors"),
+    2: Stage(2, "segment", ("stf", "llm", "sam_heads"), "anchors"),
+    3: Stage(3, "propagate", ("stf", "llm", "sam_heads", "sam_encoder", "vision"), "propagate"),
+}
+
+
+def parameter_groups(model: VirstModel) -> dict[str, list[tuple[str, nn.Parameter]]]:
+    """Every parameter in exactly one named group."""
+    prefixes = {
+        "stf": ["seg_prompter.", "initial_seg_fusion."],
+        "llm": ["vlm.llm.", "vlm.lm_head."],
+        "sam_encoder": ["sam2.image_encoder."],
+        "vision": ["vlm.vision_tower.", "vlm.mm_projector."],
+    }
+    groups: dict[str, list] = {name: [] for name in (*prefixes, "sam_heads")}
+    for name, param in model.named_parameters():
+        group = next((g for g, ps in prefixes.items() if any(name.startswith(p) for p in ps)),
+                     "sam_heads")  # mask decoder, prompt encoder, memory modules, pointers
+        groups[group].append((name, param))
+    assert all(n.startswith("sam2.") for n, _ in groups["sam_heads"]), "unassigned parameter"
+    return groups
+
+
+def apply_lora(model: VirstModel, r: int = 64, alpha: int = 16, dropout: float = 0.05) -> None:
+    """Wrap the Qwen2 decoder's projections in LoRA adapters (peft), base weights frozen."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
+                        target_modules=LORA_TARGETS, bias="none")
+    model.vlm.llm = get_peft_model(model.vlm.llm, config)
+
+
+def merge_lora(model: VirstModel) -> None:
+    """W += alpha / r * B @ A, adapters removed: the plain model again."""
+    if hasattr(model.vlm.llm, "merge_and_unload"):
+        model.vlm.llm = model.vlm.llm.merge_and_unload()
+
+
+def set_trainable(model: VirstModel, stage: Stage, lora: bool) -> list[str]:
+    """Freeze everything but the stage's groups; returns the names of trainable parameters.
+
+    With LoRA the LLM group means the adapters only (and the lm_head stays frozen)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for group, params in parameter_groups(model).items():
+        if group not in stage.groups:
+            continue
+        for name, p in params:
+            if group == "llm" and lora and "lora_" not in name:
+                continue
+            p.requires_grad_(True)
+    return [n for n, p in model.named_parameters() if p.requires_grad]
