@@ -13,6 +13,7 @@ This is the reference path; `kernels.stf_attention` is the fused one (same weigh
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -91,6 +92,36 @@ class RoPE3D(nn.Module):
 
 # ------------------------------------------------------------------------- SegPrompter
 
+STF_BACKENDS = ("auto", "reference", "triton")
+_backend = os.environ.get("VIRST_STF_BACKEND", "auto")
+
+
+def set_stf_backend(name: str) -> None:
+    """'auto' (Triton kernel on CUDA, reference elsewhere), 'reference' or 'triton'.
+    Also settable with VIRST_STF_BACKEND. The kernel has no backward: training always
+    takes the reference path."""
+    global _backend
+    if name not in STF_BACKENDS:
+        raise ValueError(f"unknown STF backend {name!r}; choose one of {STF_BACKENDS}")
+    _backend = name
+
+
+def _use_kernel(*tensors: torch.Tensor) -> bool:
+    if _backend == "reference" or (torch.is_grad_enabled() and
+                                   any(t.requires_grad for t in tensors)):
+        return False
+    if _backend == "triton":
+        return True
+    return tensors[0].is_cuda and _triton_available()
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
 
 class RotaryCrossAttention(nn.Module):
     """Cross-attention of N*T queries to T*g*g grid keys with RoPE3D (reference path)."""
@@ -106,12 +137,26 @@ class RotaryCrossAttention(nn.Module):
         b, s, _ = x.shape
         return x.view(b, s, self.nhead, self.head_dim).transpose(1, 2)
 
-    def forward(self, query, memory, frames: int, key_padding_mask=None, return_probs=False):
+    def forward(self, query, memory, frames: int, key_padding_mask=None,
+                return_frame_score=False):
+        """(B, N*T, C) queries, (B, T*g*g, C) memory -> output and, if asked, the frame
+        score (B, T): attention mass per frame, mean over heads, queries and grid cells."""
         q, k, v = (self._heads(p(x)) for p, x in
                    ((self.q_proj, query), (self.k_proj, memory), (self.v_proj, memory)))
-        out, probs = self.reference(q, k, v, frames, q.shape[2] // frames, key_padding_mask)
-        out = out.transpose(1, 2).flatten(2)
-        return self.o_proj(out), probs
+        if _use_kernel(q, k, v):
+            from kernels.stf_attention import stf_cross_attention
+
+            res = stf_cross_attention(q, k, v, frames, grid_hw=self.rope.grid,
+                                      key_padding_mask=key_padding_mask,
+                                      return_frame_score=return_frame_score)
+            out, score = res if return_frame_score else (res, None)
+        else:
+            out, probs = self.reference(q, k, v, frames, q.shape[2] // frames, key_padding_mask)
+            score = None
+            if return_frame_score:
+                b, h, s_q, s_k = probs.shape
+                score = probs.view(b, h, s_q, frames, s_k // frames).mean(dim=(1, 2, 4))
+        return self.o_proj(out.transpose(1, 2).flatten(2)), score
 
     def reference(self, q, k, v, frames, tokens, key_padding_mask=None):
         """Full fp32 score matrix; a fully masked row gives NaN, as in the original."""
@@ -135,13 +180,13 @@ class SegPrompterLayer(nn.Module):
         self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(dim) for _ in range(3))
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x, memory, frames, query_padding_mask=None, return_probs=False):
+    def forward(self, x, memory, frames, query_padding_mask=None, return_frame_score=False):
         sa, _ = self.self_attn(x, x, x, key_padding_mask=query_padding_mask, need_weights=False)
         x = self.norm1(x + self.dropout(sa))
-        ca, probs = self.cross_attn(x, memory, frames, return_probs=return_probs)
+        ca, score = self.cross_attn(x, memory, frames, return_frame_score=return_frame_score)
         x = self.norm2(x + self.dropout(ca))
         x = self.norm3(x + self.dropout(self.ff(x)))
-        return x, probs
+        return x, score
 
 
 class SegPrompter(nn.Module):
@@ -177,16 +222,12 @@ class SegPrompter(nn.Module):
         query = self.seg_proj(seg_token)[:, :, None, :].expand(b, n, t, self.token_dim)
         x = query.reshape(b, n * t, self.token_dim)
         pad = None if seg_mask is None else ~seg_mask.bool()[:, :, None].expand(b, n, t).flatten(1)
-        probs = None
+        score = None
         for i, layer in enumerate(self.decoder):
             last = i == len(self.decoder) - 1
-            x, probs = layer(x, memory, t, pad, return_probs=return_frame_score and last)
+            x, score = layer(x, memory, t, pad, return_frame_score=return_frame_score and last)
         out = x.view(b, n, t, self.token_dim)
-        if not return_frame_score:
-            return out
-        g2 = self.grid_hw**2
-        score = probs.view(b, probs.shape[1], n * t, t, g2).mean(dim=(1, 2, 4))
-        return out, score
+        return (out, score) if return_frame_score else out
 
 
 # -------------------------------------------------------------------- InitialSegFusion
