@@ -7,6 +7,7 @@ import torch
 from conftest import make_tiny_sam
 
 from virst.tdau import (
+    TorchSam2Steps,
     anchor_indices,
     closest_anchors,
     encode_frames,
@@ -113,7 +114,8 @@ def test_propagation_is_bit_exact_against_sam2base(tiny_cfg, anchors, object_bia
     num_frames, size = 21, tiny_cfg.sam_image_size
     feats = encode_frames(tiny_sam, torch.randn(num_frames, 3, size, size))
     prompts = {a: torch.randn(1, 10, tiny_cfg.sam_dim) for a in anchors}
-    ours = dict(propagate(tiny_sam, feats.__getitem__, prompts, num_frames, bf16_storage=False))
+    steps = TorchSam2Steps(tiny_sam, bf16_storage=False)
+    ours = dict(propagate(steps, feats.__getitem__, prompts, num_frames))
     anchor_out = {a: ours[a] for a in anchors}
     frames = range(num_frames)  # frames before the first anchor see only future anchors
     ref = _sam2_outputs(tiny_sam, feats, frames, anchor_out, num_frames)
@@ -132,8 +134,8 @@ def test_bf16_storage_rounds_only_the_spatial_memory(tiny_sam, tiny_cfg):
     size = tiny_cfg.sam_image_size
     feats = encode_frames(tiny_sam, torch.randn(6, 3, size, size))
     prompts = {0: torch.randn(1, 10, tiny_cfg.sam_dim)}
-    bf = dict(propagate(tiny_sam, feats.__getitem__, prompts, 6, bf16_storage=True))
-    fp = dict(propagate(tiny_sam, feats.__getitem__, prompts, 6, bf16_storage=False))
+    bf = dict(propagate(TorchSam2Steps(tiny_sam, True), feats.__getitem__, prompts, 6))
+    fp = dict(propagate(TorchSam2Steps(tiny_sam, False), feats.__getitem__, prompts, 6))
     assert bf[0].maskmem.dtype == torch.bfloat16 and fp[0].maskmem.dtype == torch.float32
     assert torch.equal(bf[0].low_res, fp[0].low_res)  # the anchor itself is unaffected
     assert torch.equal(bf[0].maskmem.float(), fp[0].maskmem.bfloat16().float())

@@ -94,7 +94,6 @@ def cmd_data(args) -> None:
 def cmd_train(args) -> None:
     import shutil
 
-    from virst.config import preset
     from virst.data.shapes import write_split
     from virst.eval.run import evaluate, report
     from virst.model import VirstModel
@@ -106,13 +105,15 @@ def cmd_train(args) -> None:
         int(args.stage)]
     cfg = TrainConfig(out=args.output, stages=stages, lora=args.lora, seed=args.seed,
                       accumulate=args.accumulate, eval_videos=args.eval_videos,
-                      save_every=args.save_every)
+                      save_every=args.save_every, propagate_every=args.propagate_every,
+                      points_every=args.points_every)
     for stage, steps in zip(stages, args.steps or []):
         cfg.steps[stage] = steps
+    for stage, lr in zip(stages, args.lr or []):
+        cfg.lr[stage] = lr
+    overrides = dict(_config_value(kv) for kv in args.set or [])
     model = (VirstModel.from_pretrained(args.init) if args.init
-             else VirstModel.from_preset(args.preset, seed=args.seed))
-    if model.config != preset(model.config.preset) and not args.init:
-        raise InputError("unexpected config")
+             else VirstModel.from_preset(args.preset, seed=args.seed, **overrides))
     val_root = Path(args.output) / "shapes"
 
     def validate(model, stage):
@@ -128,6 +129,17 @@ def cmd_train(args) -> None:
 
     Trainer(model, cfg).run(validate=validate)
     print(f"model in {Path(args.output) / 'model'}")
+
+
+def _config_value(text: str) -> tuple[str, object]:
+    """KEY=VALUE for a config field; the value is read as JSON when it parses."""
+    import json
+
+    key, _, value = text.partition("=")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
 
 
 def cmd_convert(args) -> None:
@@ -198,6 +210,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", help="model folder to start from (default: random init)")
     p.add_argument("--steps", type=lambda s: [int(x) for x in s.split(",")],
                    help="optimizer steps per stage, comma-separated in stage order")
+    p.add_argument("--lr", type=lambda s: [float(x) for x in s.split(",")],
+                   help="learning rate per stage, comma-separated in stage order")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a preset config field (repeatable)")
+    p.add_argument("--propagate-every", type=int, default=2,
+                   help="stage 0: every n-th sample trains propagation")
+    p.add_argument("--points-every", type=int, default=0,
+                   help="stage 0: every n-th sample trains SAM2 click prompts (0: never)")
     p.add_argument("--lora", action="store_true", help="LoRA (r 64, alpha 16) on the LLM")
     p.add_argument("--accumulate", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)

@@ -36,7 +36,7 @@ from virst.prompt import (
 from virst.sam2_model import build_sam2
 from virst.sampling import FramePlan, plan_frames
 from virst.stf import InitialSegFusion, SegPrompter
-from virst.tdau import FrameFeatures, encode_frames, propagate
+from virst.tdau import FrameFeatures, TorchSam2Steps, propagate
 from virst.vlm import VideoLLM
 
 WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.json"
@@ -60,22 +60,21 @@ def init_empty_weights():
 
 
 class FrameEncoder:
-    """SAM2 image features on demand, encoded `batch` frames at a time.
+    """SAM2 image features on demand, encoded `batch` frames at a time by `steps.encode`.
 
     Frames in `keep` stay cached (the segmentation frames are read twice: by the
     SegPrompter and as anchors); any other frame is dropped once it has been served.
     """
 
-    def __init__(self, sam, frames: np.ndarray, cfg: VirstConfig, keep=(), batch: int = 4):
-        self.sam, self.frames, self.cfg, self.batch = sam, frames, cfg, batch
-        self.keep, self.cache = set(keep), {}
-        self.device = next(sam.parameters()).device
-        self.dtype = next(sam.parameters()).dtype
+    def __init__(self, steps, frames: np.ndarray, cfg: VirstConfig, device, keep=(),
+                 batch: int = 4):
+        self.steps, self.frames, self.cfg, self.batch = steps, frames, cfg, batch
+        self.keep, self.cache, self.device = set(keep), {}, device
 
     def _encode(self, idx: list[int]) -> None:
         pixels = to_model_input(self.frames[idx], self.cfg.sam_image_size, self.cfg.sam_resize,
-                                self.device, self.dtype)
-        self.cache.update(zip(idx, encode_frames(self.sam, pixels)))
+                                self.device)
+        self.cache.update(zip(idx, self.steps.encode(pixels)))
 
     def many(self, idx) -> list[FrameFeatures]:
         todo = sorted(set(idx) - set(self.cache))
@@ -185,22 +184,23 @@ class VirstModel(nn.Module):
 
     @torch.inference_mode()
     def segment(self, video, expression: str, *, return_logits: bool = False,
-                seed: int | None = None, progress: bool = False) -> np.ndarray:
+                seed: int | None = None, progress: bool = False, sam2_steps=None) -> np.ndarray:
         """Masks (T, H, W) bool for every frame (logits float32 when `return_logits`).
 
         `video`: a frame folder, a video file, an (T, H, W, 3) array or a `Video`.
         `seed`: None for the deterministic frame choice, an int for the release's random one.
+        `sam2_steps`: where the SAM2 calls run (default: this model's modules).
         """
         if self.tokenizer is None:
             raise CheckpointError("this model has no tokenizer: load one with from_pretrained")
         video = load_video(video)
         prompt = build_prompt(self.tokenizer, expression, self.config.num_seg_tokens)
         plan = plan_frames(len(video), self.config, seed)
-        frames = FrameEncoder(self.sam2, video.frames, self.config, keep=plan.seg)
+        sam2_steps = sam2_steps or TorchSam2Steps(self.sam2, self.config.memory_bf16_storage)
+        frames = FrameEncoder(sam2_steps, video.frames, self.config, self.device, keep=plan.seg)
         prompts = self.frame_prompts(video, plan, prompt, frames)
         out = np.zeros((len(video), *video.size), np.float32 if return_logits else bool)
-        steps = propagate(self.sam2, frames, prompts, len(video),
-                          bf16_storage=self.config.memory_bf16_storage)
+        steps = propagate(sam2_steps, frames, prompts, len(video))
         for t, result in tqdm(steps, total=len(video), desc="segment", disable=not progress):
             logits = F.interpolate(result.low_res, size=video.size, mode="bilinear",
                                    align_corners=False)[0, 0]

@@ -78,7 +78,7 @@ class RoPE3D(nn.Module):
 
     def query_angles(self, tokens: int, frames: int, device=None) -> torch.Tensor:
         """(tokens * frames, head_dim) angles; query i = n * T + t rotates t lanes by t."""
-        t = torch.arange(tokens * frames, device=device) % frames
+        t = torch.arange(frames, device=device).repeat(tokens)  # (no `%`: exports cleanly)
         zeros = torch.zeros(t.shape[0], 2 * self.axis_lanes, device=device)
         return self._pad(self._axis_angles(t), zeros)
 

@@ -120,8 +120,12 @@ class FrameFeatures:
 
     def select(self, b: int) -> FrameFeatures:
         """Frame b of a batch, as a batch of one."""
-        return FrameFeatures([v[:, b : b + 1] for v in self.vision],
-                             [p[:, b : b + 1] for p in self.pos], self.sizes)
+        return self.take([b])
+
+    def take(self, frames: list[int]) -> FrameFeatures:
+        """Frames of a batch, as a smaller batch."""
+        return FrameFeatures([v[:, frames] for v in self.vision],
+                             [p[:, frames] for p in self.pos], self.sizes)
 
 
 def encode_batch(sam: SAM2Base, pixels: torch.Tensor) -> FrameFeatures:
@@ -225,7 +229,8 @@ def predict_anchor(sam: SAM2Base, feats: FrameFeatures, prompt: torch.Tensor,
 
 def pointer_tokens(sam: SAM2Base, plan: MemoryPlan, bank: dict[int, FrameOutput],
                    num_frames: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Object pointers of the plan as (4p, 1, mem_dim) tokens and their temporal encodings."""
+    """Object pointers of the plan as (4p, 1, mem_dim) tokens and their temporal encodings.
+    `sam` only lends its constants (any object with the same attributes will do)."""
     dist = [d for d, _ in plan.pointers]
     ptrs = torch.stack([bank[f].obj_ptr for _, f in plan.pointers])  # (p, 1, C)
     c, mem = sam.hidden_dim, sam.mem_dim
@@ -237,10 +242,10 @@ def pointer_tokens(sam: SAM2Base, plan: MemoryPlan, bank: dict[int, FrameOutput]
     return ptrs, pos.repeat_interleave(split, dim=0)
 
 
-def condition_on_memory(sam: SAM2Base, feats: FrameFeatures, plan: MemoryPlan,
-                        bank: dict[int, FrameOutput], num_frames: int) -> torch.Tensor:
-    """Memory attention of the current frame over the plan's memories: (1, C, h, w)."""
-    dtype = feats.vision[-1].dtype
+def gather_memory(sam: SAM2Base, plan: MemoryPlan, bank: dict[int, FrameOutput],
+                  num_frames: int, dtype: torch.dtype):
+    """The plan's memories in SAM2's order: (M, 1, mem_dim) tokens, their encodings, and
+    how many of the last ones are object-pointer tokens. `sam` lends constants only."""
     memory, memory_pos = [], []
     for t_pos, f in plan.spatial:
         out = bank[f]
@@ -253,9 +258,17 @@ def condition_on_memory(sam: SAM2Base, feats: FrameFeatures, plan: MemoryPlan,
         memory.append(ptrs)
         memory_pos.append(ptr_pos)
         num_ptr_tokens = ptrs.shape[0]
+    return torch.cat(memory), torch.cat(memory_pos), num_ptr_tokens
+
+
+def condition_on_memory(sam: SAM2Base, feats: FrameFeatures, plan: MemoryPlan,
+                        bank: dict[int, FrameOutput], num_frames: int) -> torch.Tensor:
+    """Memory attention of the current frame over the plan's memories: (1, C, h, w)."""
+    memory, memory_pos, num_ptr_tokens = gather_memory(sam, plan, bank, num_frames,
+                                                       feats.vision[-1].dtype)
     out = sam.memory_attention(
-        curr=feats.vision[-1:], curr_pos=feats.pos[-1:], memory=torch.cat(memory),
-        memory_pos=torch.cat(memory_pos), num_obj_ptr_tokens=num_ptr_tokens,
+        curr=feats.vision[-1:], curr_pos=feats.pos[-1:], memory=memory,
+        memory_pos=memory_pos, num_obj_ptr_tokens=num_ptr_tokens,
     )
     return FrameFeatures._grid(out, feats.sizes[-1])
 
@@ -272,27 +285,49 @@ def track_frame(sam: SAM2Base, feats: FrameFeatures, plan: MemoryPlan,
 # ----------------------------------------------------------------------- whole video
 
 
-def propagate(sam: SAM2Base, features: Callable[[int], FrameFeatures],
-              prompts: dict[int, torch.Tensor], num_frames: int, *,
-              bf16_storage: bool = True) -> Iterator[tuple[int, FrameOutput]]:
+class TorchSam2Steps:
+    """The SAM2 calls propagation makes, on the reference modules. Other backends (ONNX
+    Runtime, TensorRT) implement the same four members over their own feature objects."""
+
+    def __init__(self, sam: SAM2Base, bf16_storage: bool = True):
+        self.sam, self.bf16_storage = sam, bf16_storage
+        self.num_maskmem = sam.num_maskmem
+        self.max_anchors = sam.max_cond_frames_in_attn
+        self.max_obj_ptrs = sam.max_obj_ptrs_in_encoder
+        self._no_prompt = None
+
+    def encode(self, pixels: torch.Tensor) -> list[FrameFeatures]:
+        return encode_frames(self.sam, pixels)
+
+    def anchor(self, feats: FrameFeatures, prompt: torch.Tensor) -> FrameOutput:
+        return predict_anchor(self.sam, feats, prompt, self.bf16_storage)
+
+    def track(self, feats: FrameFeatures, plan: MemoryPlan, bank: dict[int, FrameOutput],
+              num_frames: int) -> FrameOutput:
+        if self._no_prompt is None:
+            self._no_prompt = no_prompt_tokens(self.sam)
+        return track_frame(self.sam, feats, plan, bank, num_frames, self._no_prompt,
+                           self.bf16_storage)
+
+
+def propagate(steps, features: Callable[[int], object], prompts: dict[int, torch.Tensor],
+              num_frames: int) -> Iterator[tuple[int, FrameOutput]]:
     """Anchors first (each independently), then every frame 0..num_frames-1 in order.
 
-    `prompts` maps anchor video frames to their (1, N, C) prompt tokens. Yields each frame's
-    output as soon as it is known; non-anchor outputs no plan can reach again are dropped.
+    `steps`: a `TorchSam2Steps` (or another backend with the same members); `prompts` maps
+    anchor video frames to their (1, N, C) prompt tokens. Yields each frame's output as
+    soon as it is known; non-anchor outputs no plan can reach again are dropped.
     """
     if not prompts:
         raise ValueError("propagate needs at least one anchor frame")
     anchors = sorted(prompts)
-    bank = {a: predict_anchor(sam, features(a), prompts[a], bf16_storage) for a in anchors}
-    no_prompt = no_prompt_tokens(sam)
-    horizon = max(sam.num_maskmem - 1, sam.max_obj_ptrs_in_encoder - 1)
+    bank = {a: steps.anchor(features(a), prompts[a]) for a in anchors}
+    horizon = max(steps.num_maskmem - 1, steps.max_obj_ptrs - 1)
     for t in range(num_frames):
         if t not in bank:
-            plan = select_memory(t, anchors, num_frames, num_maskmem=sam.num_maskmem,
-                                 max_anchors=sam.max_cond_frames_in_attn,
-                                 max_obj_ptrs=sam.max_obj_ptrs_in_encoder)
-            bank[t] = track_frame(sam, features(t), plan, bank, num_frames, no_prompt,
-                                  bf16_storage)
+            plan = select_memory(t, anchors, num_frames, num_maskmem=steps.num_maskmem,
+                                 max_anchors=steps.max_anchors, max_obj_ptrs=steps.max_obj_ptrs)
+            bank[t] = steps.track(features(t), plan, bank, num_frames)
         yield t, bank[t]
         stale = t - horizon
         if stale >= 0 and stale not in prompts:

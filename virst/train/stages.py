@@ -25,13 +25,19 @@ class Stage:
     number: int
     name: str
     groups: tuple[str, ...]
-    mode: str  # "anchors": every segmentation frame an independent anchor; "propagate":
-    # 3 random anchors and SAM2 memory over the frames around them; "mixed": alternate
+    mode: str  # "anchors", "propagate", "points" (see train/step.py) or "mixed"
 
-    def mode_for(self, sample_index: int) -> str:
+    def mode_for(self, sample_index: int, propagate_every: int = 2,
+                 points_every: int = 0) -> str:
+        """In "mixed" mode every `propagate_every`-th sample trains propagation and (when
+        `points_every` > 0) every `points_every`-th one SAM2's click prompts."""
         if self.mode != "mixed":
             return self.mode
-        return "anchors" if sample_index % 2 == 0 else "propagate"
+        if sample_index % propagate_every == propagate_every - 1:
+            return "propagate"
+        if points_every and sample_index % points_every == 0:
+            return "points"
+        return "anchors"
 
 
 STAGES = {

@@ -12,7 +12,7 @@ from virst.model import VirstModel
 from virst.preprocess import to_model_input
 from virst.prompt import SEG_TOKEN, Prompt, build_prompt
 from virst.sampling import plan_frames
-from virst.tdau import HeadOutput, anchor_heads, encode_batch, propagate
+from virst.tdau import HeadOutput, TorchSam2Steps, anchor_heads, encode_batch, propagate
 from virst.train.losses import IGNORE, frame_losses
 
 
@@ -72,9 +72,31 @@ def _split(head: HeadOutput) -> list[HeadOutput]:
             for b in range(head.low_res.shape[0])]
 
 
+def point_prompts(model: VirstModel, targets: torch.Tensor, rng: np.random.Generator):
+    """One random click inside the object on each frame where it is visible, embedded by
+    SAM2's prompt encoder: (frames with the object, sparse (F, 2, C)). This is how SAM2
+    itself is trained, and how a from-scratch mask decoder learns to follow its sparse
+    prompt before the STF tokens carry anything (our stand-in for SAM2 pretraining)."""
+    frames = [t for t in range(targets.shape[0]) if bool(targets[t].any())]
+    coords = []
+    for t in frames:
+        ys, xs = torch.nonzero(targets[t] > 0.5, as_tuple=True)
+        k = int(rng.integers(len(ys)))
+        coords.append([float(xs[k]), float(ys[k])])
+    device = targets.device
+    pts = torch.tensor(coords, device=device).reshape(-1, 1, 2)
+    labels = torch.ones(len(frames), 1, dtype=torch.int32, device=device)
+    sparse, _ = model.sam2.sam_prompt_encoder(points=(pts, labels), boxes=None, masks=None)
+    return frames, sparse
+
+
 def forward_losses(model: VirstModel, sample: Sample, mode: str) -> dict[str, torch.Tensor]:
     """Mean losses over the sample's expressions: bce, dice, iou (frames with the object),
-    occlusion (all supervised frames) and token (the answer text)."""
+    occlusion (all supervised frames) and token (the answer text).
+
+    mode: "anchors" (every segmentation frame predicted from its STF prompt), "propagate"
+    (3 random anchors, SAM2 memory over the frames around them) or "points" (the mask
+    decoder from a click in the object; the LLM and STF still get the token loss)."""
     cfg, device = model.config, model.device
     rng = np.random.default_rng(sample.seed)
     plan = plan_frames(len(sample.frames), cfg, seed=sample.seed)
@@ -96,6 +118,12 @@ def forward_losses(model: VirstModel, sample: Sample, mode: str) -> dict[str, to
         logits = model.vlm.lm_head(hidden[0, pos])
         parts["token"].append(F.cross_entropy(logits.float(), torch.tensor(labels, device=device),
                                               ignore_index=IGNORE))
+        if mode == "points":
+            frames, sparse = point_prompts(model, target, rng)
+            if frames:
+                heads = _split(anchor_heads(model.sam2, feats.take(frames), sparse))
+                _accumulate(parts, heads, target[frames], size)
+            continue
         prompts = model.seg_prompter(hidden[:, positions], level2)  # (1, N, T, C)
         if mode == "anchors":
             heads = _split(anchor_heads(model.sam2, feats, prompts[0].transpose(0, 1)))
@@ -105,8 +133,9 @@ def forward_losses(model: VirstModel, sample: Sample, mode: str) -> dict[str, to
             anchors = sorted(rng.choice(t, size=min(3, t), replace=False).tolist())
             frames = keyframes(t, anchors)
             local = {frames.index(a): prompts[:, :, a] for a in anchors}
-            outs = dict(propagate(model.sam2, lambda i, f=frames: feats.select(f[i]), local,
-                                  len(frames), bf16_storage=False))
+            steps = TorchSam2Steps(model.sam2, bf16_storage=False)
+            outs = dict(propagate(steps, lambda i, f=frames: feats.select(f[i]), local,
+                                  len(frames)))
             heads = [HeadOutput(o.low_res, None, o.obj_ptr, o.obj_score, o.ious, o.candidates)
                      for _, o in sorted(outs.items())]
             _accumulate(parts, heads, target[frames], size)

@@ -44,6 +44,8 @@ class TrainConfig:
     eval_videos: int = 24  # shapes valid videos scored after each stage (0: skip)
     warmup: float = 0.05
     clip: float = 1.0
+    propagate_every: int = 2  # stage 0 ("mixed"): every n-th sample trains propagation
+    points_every: int = 0  # stage 0: every n-th sample trains SAM2 click prompts (0: never)
 
     def __post_init__(self):
         self.steps = {int(k): int(v) for k, v in self.steps.items()}
@@ -144,7 +146,8 @@ class Trainer:
         for _ in range(self.cfg.accumulate):
             index = self.cfg.seed * 1_000_000 + self.position["seen"]
             sample = self.sample_fn(index)
-            mode = STAGES[stage].mode_for(self.position["seen"])
+            mode = STAGES[stage].mode_for(self.position["seen"], self.cfg.propagate_every,
+                                          self.cfg.points_every)
             self.position["seen"] += 1
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 parts = forward_losses(self.model, sample, mode)

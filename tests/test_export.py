@@ -1,0 +1,197 @@
+"""`python -m export.build`: every unit against torch through ONNX Runtime, dynamic memory,
+precision plans, the manifest's refusals, the LLM folder, TensorRT planning, and the
+reference pipeline stitched through the ONNX artifacts."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+import export.build as build_mod
+from export.build import build
+from export.manifest import load_manifest
+from export.onnx_io import load_checked
+from export.units import MemoryAttention
+from virst.errors import CheckpointError
+from virst.model import VirstModel
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny model whose occlusion head says "present", so masks are real logits."""
+    model = VirstModel.from_preset("tiny", seed=0)
+    with torch.no_grad():
+        model.sam2.sam_mask_decoder.pred_obj_score_head.layers[-1].bias += 1.0
+    folder = tmp_path_factory.mktemp("model")
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def fp32(tiny_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fp32")
+    manifest, checks = build("fp32", out, str(tiny_dir), tensorrt=False, progress=False)
+    return out, manifest, checks
+
+
+def test_every_fp32_unit_equals_torch(fp32):
+    out, manifest, checks = fp32
+    units = {c.unit for c in checks}
+    assert units == set(build_mod.UNIT_NAMES)
+    assert all(c.passed and c.value <= 1e-4 for c in checks), [c for c in checks if not c.passed]
+    for name in build_mod.UNIT_NAMES:
+        entry = manifest["artifacts"][name]
+        assert entry["exporter"] in ("dynamo", "torchscript")
+        model = onnx.load(str(out / next(iter(entry["files"]))))
+        assert model.opset_import[0].version >= 18
+    assert manifest["artifacts"]["memory_attention"]["exporter"] == "dynamo"
+    dims = manifest["artifacts"]["memory_attention"]["inputs"][1]["shape"]
+    assert dims[1] == "memory_tokens"
+    # at a recent opset the exporter writes attention as one node
+    ops = {n.op_type for n in onnx.load(str(out / "memory_attention.fp32.onnx")).graph.node}
+    assert "Attention" in ops and "Softmax" not in ops
+
+
+@torch.no_grad()
+def test_memory_attention_takes_1_to_9_frames_and_any_pointer_count(fp32, tiny_dir):
+    out, _, _ = fp32
+    model = VirstModel.from_pretrained(tiny_dir)
+    unit = MemoryAttention(model).eval()
+    padded_unit = MemoryAttention(model, padded=True).eval()
+    sess = ort.InferenceSession(str(out / "memory_attention.fp32.onnx"))
+    padded = ort.InferenceSession(str(out / "memory_attention_padded.fp32.onnx"))
+    cfg = model.config
+    hw, cm, split = cfg.sam_feat_size**2, cfg.mem_dim, cfg.sam_dim // cfg.mem_dim
+    g = torch.Generator().manual_seed(5)
+    feats = torch.randn(1, cfg.sam_dim, cfg.sam_feat_size, cfg.sam_feat_size, generator=g)
+    for frames, ptrs in [(1, 1), (2, 0), (4, 7), (9, 16)]:
+        mem, mem_pos = (torch.randn(1, frames * hw, cm, generator=g) for _ in range(2))
+        ptr, ptr_pos = (torch.randn(1, ptrs * split, cm, generator=g) for _ in range(2))
+        ref = unit(feats, mem, mem_pos, ptr, ptr_pos).numpy()
+        feeds = dict(features=feats, memory=mem, memory_pos=mem_pos, pointers=ptr,
+                     pointer_pos=ptr_pos)
+        got = sess.run(None, {k: v.numpy() for k, v in feeds.items()})[0]
+        assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max(), (frames, ptrs)
+        # the padded static variant with validity masks gives the same answer
+        pad_frames, pad_ptrs = 9, 16 * split
+        pf = torch.zeros(1, pad_frames * hw, cm)
+        pf[:, : frames * hw] = mem
+        pp = torch.zeros(1, pad_frames * hw, cm)
+        pp[:, : frames * hw] = mem_pos
+        qf, qp = torch.zeros(1, pad_ptrs, cm), torch.zeros(1, pad_ptrs, cm)
+        qf[:, : ptrs * split], qp[:, : ptrs * split] = ptr, ptr_pos
+        fv = (torch.arange(pad_frames) < frames).float()[None]
+        pv = (torch.arange(pad_ptrs) < ptrs * split).float()[None]
+        ptorch = padded_unit(feats, pf, pp, qf, qp, fv, pv).numpy()
+        assert np.abs(ptorch - ref).max() <= 1e-4 * np.abs(ref).max()
+        pad_feeds = dict(features=feats, memory=pf, memory_pos=pp, pointers=qf,
+                         pointer_pos=qp, memory_valid=fv, pointer_valid=pv)
+        gotp = padded.run(None, {k: v.numpy() for k, v in pad_feeds.items()})[0]
+        assert np.abs(gotp - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+def test_stitched_pipeline_through_onnx_runtime_matches_torch(fp32, tiny_dir):
+    """Every SAM2 call of the reference pipeline routed through the fp32 ONNX artifacts."""
+    from export.stitch import OrtSam2Steps
+    from virst.data.shapes import make_video
+    from virst.eval.metrics import region_similarity
+
+    out, _, _ = fp32
+    model = VirstModel.from_pretrained(tiny_dir)
+    video = make_video("valid", 0)
+    text = video.expressions[0][0]
+    ours = model.segment(video.frames, text, sam2_steps=OrtSam2Steps(out))
+    ref = model.segment(video.frames, text)
+    assert 0 < ref.mean() < 1
+    iou = region_similarity(ref, ours)
+    assert iou.min() >= 0.99, iou
+
+
+def test_tampered_truncated_and_foreign_artifacts_are_refused(fp32, tmp_path):
+    out, _, _ = fp32
+    copy = tmp_path / "a"
+    shutil.copytree(out, copy)
+    load_manifest(copy)  # intact: accepted
+    path = copy / "memory_encoder.fp32.onnx"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="does not match its manifest hash"):
+        load_manifest(copy)
+    path.write_bytes(bytes(data[: len(data) // 3]))
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        load_checked(path)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["toolkit"] = "0.0.1"
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="built by virst-deploy 0.0.1"):
+        load_manifest(copy)
+    with pytest.raises(CheckpointError, match="no manifest.json"):
+        load_manifest(tmp_path)
+
+
+def test_unchanged_units_are_not_rebuilt(fp32, tiny_dir, monkeypatch):
+    out, _, _ = fp32
+    calls = []
+    monkeypatch.setattr(build_mod, "build_unit", lambda *a, **k: calls.append(a[0].name))
+    manifest, checks = build("fp32", out, str(tiny_dir), tensorrt=False, progress=False)
+    assert calls == [] and len(checks) > 0
+
+
+@torch.no_grad()
+def test_llm_folder_reproduces_the_seg_hidden_states(fp32, tiny_dir):
+    from safetensors.torch import load_file
+    from transformers import Qwen2ForCausalLM
+
+    from virst.prompt import build_prompt
+
+    out, manifest, _ = fp32
+    model = VirstModel.from_pretrained(tiny_dir)
+    hf = Qwen2ForCausalLM.from_pretrained(out / "llm").eval()
+    embed = load_file(str(out / "embed_tokens.safetensors"))["embed_tokens"]
+    prompt = build_prompt(model.tokenizer, "the red circle")
+    video = torch.randn(32, model.config.llm_hidden)
+    ids = lambda x: torch.tensor(x)  # noqa: E731
+    inputs = torch.cat([embed[ids(prompt.before)], video, embed[ids(prompt.inference_after)]])
+    hidden = hf(inputs_embeds=inputs[None], output_hidden_states=True).hidden_states[-1]
+    ref, positions = model.prefill(prompt, video, None)
+    assert torch.allclose(hidden[0, positions], ref[0, positions], atol=1e-5)
+
+
+def test_fp16_and_bf16_graphs_carry_their_precision(tiny_dir, tmp_path):
+    units = ["memory_encoder", "seg_prompter"]
+    _, checks16 = build("fp16", tmp_path / "f16", str(tiny_dir), units, tensorrt=False,
+                        progress=False)
+    assert checks16 and all(c.passed for c in checks16)
+    assert any(c.metric == "maskmem cosine" and c.value >= 0.999 for c in checks16)
+    manifest, checks = build("bf16", tmp_path / "b16", str(tiny_dir), units, tensorrt=False,
+                             progress=False)
+    assert {c.backend for c in checks} == {"structure"}
+    m = onnx.load(str(tmp_path / "b16" / "memory_encoder.bf16.onnx"))
+    types = {i.name: i.type.tensor_type.elem_type for i in m.graph.input}
+    assert types["features"] == onnx.TensorProto.BFLOAT16
+    assert types["mask_logits"] == onnx.TensorProto.FLOAT  # the mask input stays fp32
+    # layer norms run in fp32: their data inputs are fp32 casts
+    produced = {o: n for n in m.graph.node for o in n.output}
+    for n in m.graph.node:
+        if n.op_type == "LayerNormalization":
+            src = produced.get(n.input[0])
+            assert src is not None and src.op_type == "Cast"
+    plan = manifest["artifacts"]["memory_encoder"]["precision_plan"]
+    assert plan["precision"] == "bf16" and plan["casts_added"] > 0
+    with pytest.raises(build_mod.BuildError, match="holds bf16 artifacts"):
+        build("fp16", tmp_path / "b16", str(tiny_dir), units, tensorrt=False, progress=False)
+
+
+def test_build_cli_reports_bad_arguments():
+    res = subprocess.run([sys.executable, "-m", "export.build", "--precision", "int4",
+                          "--out", "/tmp/never"], capture_output=True, text=True)
+    assert res.returncode == 2 and "unknown precision 'int4'" in res.stderr
