@@ -200,10 +200,12 @@ def build(precision: str, out: Path, checkpoint: str | None = None, units=None,
 
 
 def table(checks: list[Verification]) -> str:
-    lines = [f"{'unit':<26}{'precision':<10}{'backend':<18}{'check':<30}{'value':>10}  pass"]
-    for c in checks:
-        lines.append(f"{c.unit:<26}{c.precision:<10}{c.backend:<18}{c.metric:<30}"
-                     f"{c.value:>10.3g}  {'yes' if c.passed else 'NO'}")
+    lines = [f"{'unit':<24}{'precision':<10}{'backend':<19}{'check':<30}{'value':>10}  pass"
+             "  note"]
+    for c in checks:  # similarities near 1 need digits, errors an exponent
+        value = f"{c.value:.6f}" if "max_rel" not in c.metric else f"{c.value:.2e}"
+        lines.append(f"{c.unit:<24}{c.precision:<10}{c.backend:<19}{c.metric:<30}"
+                     f"{value:>10}  {'yes' if c.passed else 'NO ':<4}  {c.note}".rstrip())
     return "\n".join(lines)
 
 

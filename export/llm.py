@@ -23,7 +23,7 @@ def write_llm_folder(model: VirstModel, folder: Path, dtype: torch.dtype) -> lis
     folder.mkdir(parents=True, exist_ok=True)
     config = qwen2_config(model.config)
     config.architectures = ["Qwen2ForCausalLM"]
-    config.torch_dtype = str(dtype).removeprefix("torch.")
+    config.dtype = str(dtype).removeprefix("torch.")
     with torch.device("meta"):
         hf = Qwen2ForCausalLM(config)
     state = {f"model.{k}": v for k, v in model.vlm.llm.state_dict().items()}

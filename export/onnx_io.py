@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import torch
 
-from export.precision import LOW, float_types
+from export.precision import LOW, emulate_bf16, float_types
 from export.units import Unit
 from virst.errors import CheckpointError
 
@@ -29,6 +29,8 @@ ALLOWED_OPS = {
     "Transpose", "Trilu", "Unsqueeze", "Where",
 }
 COMPLEX = {onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128}
+# low-precision pass marks against torch fp32 (fp32 itself: max relative error <= 1e-4)
+LIMITS = {"fp16": {"cosine": 0.999, "iou": 0.98}, "bf16": {"cosine": 0.995, "iou": 0.95}}
 
 
 @dataclass
@@ -124,39 +126,54 @@ def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
 def verify(unit: Unit, path: Path, precision: str) -> list[Verification]:
     """Run the file with ONNX Runtime on fresh random inputs against torch in fp32.
 
-    fp32: max relative error <= 1e-4 on every output. fp16: cosine >= 0.999 on features
-    and mask IoU >= 0.98 on mask logits. bf16: ONNX Runtime's CPU provider has no bf16
-    kernels, so only the structural checks apply here (numbers on a GPU backend)."""
+    fp32: max relative error <= 1e-4 on every output. fp16 / bf16: cosine on features and
+    mask IoU on mask logits, passing at `LIMITS` or, where torch itself loses more in the
+    same dtype (autocast; e.g. ToMe merges that flip), within twice torch's own loss.
+    bf16 on CPU: ONNX Runtime has no bf16 kernels, so the graph runs with every bf16 value
+    rounded by a Cast round trip (`emulate_bf16`: bf16 storage, fp32 arithmetic inside an
+    op, as tensor cores accumulate). Real bf16 kernels need a GPU backend."""
     import onnxruntime as ort
 
-    if precision == "bf16":
-        return [Verification(unit.name, precision, "structure", "checks", 0.0, True,
-                             "no bf16 kernels in ONNX Runtime CPU; numbers need a GPU")]
     gen = torch.Generator().manual_seed(1234)
     fresh = {k: _fresh(v, gen) for k, v in unit.inputs.items()}
-    with torch.no_grad():
-        ref = unit.module.eval()(**fresh)
-    ref = [r.numpy() for r in (ref if isinstance(ref, tuple) else (ref,))]
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    ref = _run_torch(unit, fresh)
+    backend, graph = "onnxruntime-cpu", str(path)
+    if precision == "bf16":
+        backend = "ort-cpu bf16-emul"
+        graph = emulate_bf16(onnx.load(str(path))).SerializeToString()
+    session = ort.InferenceSession(graph, providers=["CPUExecutionProvider"])
     feeds = {}
     for inp in session.get_inputs():
         arr = fresh[inp.name].numpy()
         feeds[inp.name] = arr.astype(np.float16) if inp.type == "tensor(float16)" else arr
     outs = session.run(unit.outputs, feeds)
+    if precision == "fp32":
+        return [Verification(unit.name, precision, backend, f"{name} max_rel", err,
+                             err <= 1e-4)
+                for name, o, r in zip(unit.outputs, outs, ref)
+                for err in [_metrics(o, r)["max_rel"]]]
+    same = _run_torch(unit, fresh, {"fp16": torch.float16, "bf16": torch.bfloat16}[precision])
     results = []
-    for name, o, r in zip(unit.outputs, outs, ref):
-        m = _metrics(o, r)
-        if precision == "fp32":
-            results.append(Verification(unit.name, precision, "onnxruntime-cpu", f"{name} max_rel",
-                                        m["max_rel"], m["max_rel"] <= 1e-4))
-        elif name == "mask_logits":
-            iou = mask_iou(o, r)
-            results.append(Verification(unit.name, precision, "onnxruntime-cpu",
-                                        f"{name} mask IoU", iou, iou >= 0.98))
-        else:
-            results.append(Verification(unit.name, precision, "onnxruntime-cpu", f"{name} cosine",
-                                        m["cosine"], m["cosine"] >= 0.999))
+    for name, o, r, t in zip(unit.outputs, outs, ref, same):
+        kind = "iou" if name == "mask_logits" else "cosine"
+        ours, torchs = _similarity(kind, o, r), _similarity(kind, t, r)
+        passed = ours >= LIMITS[precision][kind] or 1 - ours <= 2 * (1 - torchs) + 1e-6
+        label = "mask IoU" if kind == "iou" else "cosine"
+        results.append(Verification(unit.name, precision, backend, f"{name} {label}", ours,
+                                    passed, f"torch {precision}: {torchs:.6f}"))
     return results
+
+
+def _run_torch(unit: Unit, inputs: dict, dtype: torch.dtype | None = None) -> list[np.ndarray]:
+    """The unit's torch outputs, fp32 or under CPU autocast in `dtype`."""
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype or torch.bfloat16,
+                                         enabled=dtype is not None):
+        out = unit.module.eval()(**inputs)
+    return [o.float().numpy() for o in (out if isinstance(out, tuple) else (out,))]
+
+
+def _similarity(kind: str, a: np.ndarray, b: np.ndarray) -> float:
+    return mask_iou(a, b) if kind == "iou" else _metrics(a, b)["cosine"]
 
 
 def _fresh(example: torch.Tensor, gen: torch.Generator) -> torch.Tensor:

@@ -214,3 +214,42 @@ def float_types(model: onnx.ModelProto) -> dict[str, int]:
              for vi in list(g.value_info) + list(g.input) + list(g.output)}
     types.update({t.name: t.data_type for t in g.initializer})
     return types
+
+
+def emulate_bf16(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The bf16 graph as an fp32 graph whose every bf16 value is rounded to bf16 (a Cast
+    round trip): bf16 storage precision with fp32 arithmetic inside each op, as tensor cores
+    accumulate. ONNX Runtime's CPU provider has Cast to and from bf16 but no bf16 compute
+    kernels, so this is how bf16 graphs get numbers on a CPU."""
+    bf16 = TensorProto.BFLOAT16
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    g = model.graph
+    types = float_types(model)
+    for t in g.initializer:
+        if t.data_type == bf16:
+            t.CopyFrom(_convert(numpy_helper.to_array(t).astype(np.float32), FLOAT, t.name))
+    for vi in list(g.input) + list(g.output):
+        if vi.type.tensor_type.elem_type == bf16:
+            vi.type.tensor_type.elem_type = FLOAT
+    nodes = []
+    for node in g.node:
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.TENSOR and a.t.data_type == bf16:
+                a.t.CopyFrom(_convert(numpy_helper.to_array(a.t).astype(np.float32), FLOAT,
+                                      a.t.name))
+        nodes.append(node)
+        for i, out in enumerate(node.output):
+            if types.get(out) != bf16:
+                continue
+            raw = f"{out}__unrounded"
+            node.output[i] = raw
+            if node.op_type == "Cast":
+                _set_attr(node, "to", bf16)  # the rounding itself, then back to float
+                nodes.append(helper.make_node("Cast", [raw], [out], to=FLOAT))
+            else:
+                nodes += [helper.make_node("Cast", [raw], [f"{out}__bf16"], to=bf16),
+                          helper.make_node("Cast", [f"{out}__bf16"], [out], to=FLOAT)]
+    del g.node[:]
+    g.node.extend(nodes)
+    del g.value_info[:]
+    return onnx.shape_inference.infer_shapes(model, strict_mode=True)
