@@ -38,17 +38,21 @@ def test_bce_dice_iou_token_occlusion_values():
     assert L.total(parts).item() == pytest.approx(3.1)
 
 
-def test_frame_losses_train_the_best_candidate_and_skip_absent_frames():
+def test_frame_losses_train_the_chosen_candidate_and_skip_absent_frames():
+    """The release's rule: the candidate with the highest predicted IoU (what inference
+    outputs) is trained, even when another candidate would fit better."""
     target = torch.zeros(8, 8)
     target[2:6, 2:6] = 1
     good = (target * 2 - 1) * 10
     candidates = torch.stack([-good, good, torch.zeros(8, 8)]).requires_grad_()
-    ious = torch.tensor([0.0, 1.0, 0.5])
+    ious = torch.tensor([0.0, 0.3, 0.5], requires_grad=True)  # predicts the empty-ish one
     fl = L.frame_losses(candidates, ious, torch.tensor([3.0]), target, size=8)
-    assert fl.dice.item() < 0.01  # candidate 1, the best, is the one trained
-    assert fl.iou.item() == pytest.approx((0 + 0 + abs(0.5 - 0.0)) / 3)  # IoUs 0, 1, 0
-    fl.bce.backward()
-    assert candidates.grad[0].abs().sum() == 0 and candidates.grad[1].abs().sum() > 0
+    assert fl.bce.item() == pytest.approx(math.log(2))  # candidate 2: logits 0
+    assert fl.dice.item() == pytest.approx(1 - (2 * 8 + 1) / (32 + 16 + 1))
+    assert fl.iou.item() == pytest.approx(0.5)  # its true IoU is 0 (nothing > 0)
+    (fl.bce + fl.iou).backward()
+    assert candidates.grad[:2].abs().sum() == 0 and candidates.grad[2].abs().sum() > 0
+    assert ious.grad.tolist() == [0.0, 0.0, 1.0]
     absent = L.frame_losses(candidates, ious, torch.tensor([3.0]), torch.zeros(8, 8), size=8)
     assert absent.bce.item() == absent.dice.item() == absent.iou.item() == 0
     assert absent.occlusion.item() == pytest.approx(math.log(1 + math.exp(3)))

@@ -12,6 +12,7 @@ import numpy as np
 from virst.errors import InputError, VirstError
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "default-model"
+DEMO_VIDEO, DEMO_EXPRESSION = 0, 0  # the demo clip: shapes valid video, expression
 
 
 def load_model(folder: str | None, device: str = "cpu"):
@@ -42,27 +43,39 @@ def cmd_segment(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    from virst.data.render import Shape, render
-    from virst.media import Video, save_masks, write_video
+    """A clip of the generated shapes benchmark (valid split, which training never sees),
+    segmented with the default model; masks, an overlay video and image, and the clip's J&F
+    against its ground truth."""
+    from PIL import Image
+
+    from virst.data.shapes import make_video
+    from virst.eval.metrics import sequence_jf
+    from virst.media import Video, contact_sheet, overlay, save_masks, write_video
 
     out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(args.seed)
-    t = 32
-    path = np.stack([np.linspace(20, 200, t), 60 + 20 * np.sin(np.linspace(0, 3, t))], 1)
-    shapes = [Shape("circle", "red", 14, path, 1),
-              Shape("square", "blue", 16, np.tile([[120.0, 70.0]], (t, 1)), 0)]
-    frames, _ = render(shapes, 144, 224, t, rng)
-    write_video(frames, out / "clip.mp4")
-    video = Video(frames, [f"{i:05d}" for i in range(t)])
+    clip = make_video("valid", args.video)
+    if not 0 <= args.expression < len(clip.expressions):
+        raise InputError(f"valid video {args.video} has {len(clip.expressions)} expressions; "
+                         f"--expression {args.expression} is out of range")
+    expression, objects, _ = clip.expressions[args.expression]
+    truth = clip.masks[objects].any(axis=0)
+    video = Video(clip.frames, [f"{i:05d}" for i in range(len(clip.frames))])
     model = load_model(args.model, args.device)
-    expression = "the red circle moving right"
     start = time.perf_counter()
     masks = model.segment(video, expression, progress=True)
     took = time.perf_counter() - start
+    out.mkdir(parents=True, exist_ok=True)
     save_masks(masks.astype(np.uint8), video.names, out / "masks")
-    print(f"demo: {out / 'clip.mp4'} ({t} frames), {expression!r}: "
-          f"{took:.1f} s ({t / took:.1f} FPS); masks in {out / 'masks'}")
+    write_video(clip.frames, out / "clip.mp4")
+    tinted = overlay(clip.frames, masks)
+    write_video(tinted, out / "overlay.mp4")
+    Image.fromarray(contact_sheet(tinted)).save(out / "overlay.png")
+    j, f, jf = sequence_jf(truth, masks)
+    print(f"demo: shapes valid video {args.video} ({len(video)} frames), {expression!r}: "
+          f"{took:.1f} s ({len(video) / took:.1f} FPS); J {100 * j:.1f}, F {100 * f:.1f}, "
+          f"J&F {100 * jf:.1f} against the ground truth")
+    print(f"demo: masks in {out / 'masks'}, overlay in {out / 'overlay.mp4'} and "
+          f"{out / 'overlay.png'}")
 
 
 def cmd_eval(args) -> None:
@@ -101,8 +114,12 @@ def cmd_train(args) -> None:
 
     if args.data != "shapes":
         raise InputError(f"training data {args.data!r}: only the generated shapes are here")
+    names = ("0", "1", "2", "3")
     stages = ([1, 2, 3] if args.init else [0, 1, 2, 3]) if args.stage == "all" else [
-        int(args.stage)]
+        int(s) for s in args.stage.split(",") if s in names]
+    if args.stage != "all" and (len(stages) != len(args.stage.split(","))
+                                or stages != sorted(set(stages))):
+        raise InputError(f"--stage {args.stage!r}: give 'all' or increasing stages from 0-3")
     cfg = TrainConfig(out=args.output, stages=stages, lora=args.lora, seed=args.seed,
                       accumulate=args.accumulate, eval_videos=args.eval_videos,
                       save_every=args.save_every, propagate_every=args.propagate_every,
@@ -177,7 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default="out/demo")
     p.add_argument("--model")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--video", type=int, default=DEMO_VIDEO, help="shapes valid video index")
+    p.add_argument("--expression", type=int, default=DEMO_EXPRESSION,
+                   help="expression index within that video")
     p.set_defaults(run=cmd_demo)
 
     p = sub.add_parser("eval", help="score a model or saved predictions on an RVOS dataset")
@@ -205,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="progressive training (resumes from -o if interrupted)")
     p.add_argument("--preset", default="tiny")
     p.add_argument("--data", default="shapes")
-    p.add_argument("--stage", default="all", choices=["0", "1", "2", "3", "all"])
+    p.add_argument("--stage", default="all", help="'all' or stages in order, e.g. 3 or 0,3")
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--init", help="model folder to start from (default: random init)")
     p.add_argument("--steps", type=lambda s: [int(x) for x in s.split(",")],

@@ -139,3 +139,23 @@ def read_mask(path: str | Path) -> np.ndarray:
     """(H, W) bool from a mask PNG (any non-zero pixel is foreground)."""
     with Image.open(path) as im:
         return np.asarray(im) > 0
+
+
+def overlay(frames: np.ndarray, masks: np.ndarray, color=(255, 40, 40),
+            alpha: float = 0.55) -> np.ndarray:
+    """Frames (T, H, W, 3) uint8 with the masks (T, H, W) tinted in `color`, outlined."""
+    import cv2
+
+    out = frames.astype(np.float32).copy()
+    tint = np.asarray(color, np.float32)
+    for t, mask in enumerate(np.asarray(masks, bool)):
+        out[t][mask] = (1 - alpha) * out[t][mask] + alpha * tint
+        edge = mask & ~cv2.erode(mask.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+        out[t][edge] = tint
+    return out.round().astype(np.uint8)
+
+
+def contact_sheet(frames: np.ndarray, count: int = 4) -> np.ndarray:
+    """`count` evenly spaced frames side by side, (H, count * W, 3)."""
+    idx = np.linspace(0, len(frames) - 1, min(count, len(frames))).round().astype(int)
+    return np.concatenate([frames[i] for i in idx], axis=1)

@@ -2,10 +2,14 @@
 
     L = 1.0 bce + 1.0 dice + 1.0 token-CE + 0.05 occlusion + 0.05 IoU
 
-Mask losses follow SAM2's multimask recipe, which is what makes the best-of-3 choice at
-inference meaningful: of the 3 candidate masks only the one with the lowest bce + dice is
-trained, the IoU head regresses the true IoU of all 3, and mask losses apply only to frames
-where the object is present (the occlusion head learns presence).
+Mask losses follow the release (model/VIRST.py): bce and dice on the mask the model
+outputs, i.e. the candidate with the highest predicted IoU, and the IoU head regresses that
+mask's true IoU. Not SAM2's pretraining recipe (only the lowest-loss of the 3 candidates
+trained): with prompts that carry nothing yet, that recipe lets a from-scratch decoder
+learn to list three salient objects in its three slots and ignore the prompt for good.
+Mask losses apply only to frames where the object is present (the occlusion head learns
+presence); there the raw chosen candidate is trained even when the occlusion head says
+"absent" (the release's mask is then the constant -1024 and gets no gradient).
 """
 
 from __future__ import annotations
@@ -61,19 +65,18 @@ class FrameLosses:
 def frame_losses(candidates: torch.Tensor, ious: torch.Tensor, score: torch.Tensor,
                  target: torch.Tensor, size: int) -> FrameLosses:
     """Losses of one frame: candidates (3, h, w) raw logits, ious (3,), score (1,),
-    target (size, size) float. Candidates are upsampled to `size` as SAM2 does."""
+    target (size, size) float. The output mask is the candidate with the highest predicted
+    IoU (the inference pick), upsampled to `size` as SAM2 does."""
     present = bool((target > 0.5).any())
     occ = occlusion(score.reshape(1), torch.tensor([float(present)], device=score.device))
     if not present:
         zero = candidates.sum() * 0
         return FrameLosses(zero, zero, zero, occ)
-    up = F.interpolate(candidates[None].float(), size=(size, size), mode="bilinear",
-                       align_corners=False)[0]
-    t = target.expand_as(up)
-    bce, dsc = sigmoid_bce(up, t), dice(up, t)
-    best = (bce + dsc).argmin()
-    iou = (ious.float() - mask_iou(up.detach(), t)).abs().mean()
-    return FrameLosses(bce[best], dsc[best], iou, occ)
+    chosen = ious.argmax()
+    up = F.interpolate(candidates[chosen][None, None].float(), size=(size, size),
+                       mode="bilinear", align_corners=False)[0, 0]
+    iou = (ious[chosen].float() - mask_iou(up.detach(), target)).abs()
+    return FrameLosses(sigmoid_bce(up, target), dice(up, target), iou, occ)
 
 
 def total(parts: dict[str, torch.Tensor]) -> torch.Tensor:
