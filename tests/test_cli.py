@@ -50,19 +50,20 @@ def test_demo_segments_a_shapes_clip_and_scores_it(tmp_path):
     ground truth (checked here against the written PNGs)."""
     import re
 
+    from virst.cli import DEMO_EXPRESSION, DEMO_VIDEO
     from virst.data.shapes import make_video
     from virst.eval.metrics import sequence_jf
     from virst.media import read_mask
 
     res = run("demo", "-o", str(tmp_path))
     assert res.returncode == 0, res.stderr
-    clip = make_video("valid", 0)
+    clip = make_video("valid", DEMO_VIDEO)
     pngs = sorted((tmp_path / "masks").glob("*.png"))
     assert len(pngs) == len(clip.frames)
     assert (tmp_path / "overlay.mp4").stat().st_size > 0
     with Image.open(tmp_path / "overlay.png") as im:
         assert im.size == (4 * clip.frames.shape[2], clip.frames.shape[1])
-    _, objects, _ = clip.expressions[0]
+    _, objects, _ = clip.expressions[DEMO_EXPRESSION]
     pred = np.stack([read_mask(p) for p in pngs])
     jf = 100 * sequence_jf(clip.masks[objects].any(axis=0), pred)[2]
     printed = float(re.search(r"J&F ([\d.]+)", res.stdout).group(1))
