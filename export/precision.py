@@ -228,10 +228,17 @@ def emulate_bf16(model: onnx.ModelProto) -> onnx.ModelProto:
     for t in g.initializer:
         if t.data_type == bf16:
             t.CopyFrom(_convert(numpy_helper.to_array(t).astype(np.float32), FLOAT, t.name))
+    nodes = []
+    for vi in g.input:  # a bf16 input is rounded where the caller converts it
+        if vi.type.tensor_type.elem_type == bf16:
+            rounded = f"{vi.name}__rounded"
+            for node in g.node:
+                node.input[:] = [rounded if x == vi.name else x for x in node.input]
+            nodes += [helper.make_node("Cast", [vi.name], [f"{vi.name}__bf16"], to=bf16),
+                      helper.make_node("Cast", [f"{vi.name}__bf16"], [rounded], to=FLOAT)]
     for vi in list(g.input) + list(g.output):
         if vi.type.tensor_type.elem_type == bf16:
             vi.type.tensor_type.elem_type = FLOAT
-    nodes = []
     for node in g.node:
         for a in node.attribute:
             if a.type == onnx.AttributeProto.TENSOR and a.t.data_type == bf16:
