@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -71,7 +72,8 @@ def cmd_demo(args) -> None:
     write_video(clip.frames, out / "clip.mp4")
     tinted = overlay(clip.frames, masks)
     write_video(tinted, out / "overlay.mp4")
-    Image.fromarray(contact_sheet(tinted)).save(out / "overlay.png")
+    Image.fromarray(contact_sheet(tinted)).save(out / ".overlay.partial.png")
+    os.replace(out / ".overlay.partial.png", out / "overlay.png")
     j, f, jf = sequence_jf(truth, masks)
     print(f"demo: shapes valid video {args.video} ({len(video)} frames), {expression!r}: "
           f"{took:.1f} s ({len(video) / took:.1f} FPS); J {100 * j:.1f}, F {100 * f:.1f}, "

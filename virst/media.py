@@ -100,7 +100,18 @@ def load_video(source) -> Video:
 
 
 def write_video(frames: np.ndarray, path: str | Path, fps: int = 10) -> None:
-    """Encode (T, H, W, 3) uint8 frames losslessly enough for tests (H.264, yuv444)."""
+    """Encode (T, H, W, 3) uint8 frames losslessly enough for tests (H.264, yuv444); the
+    file appears whole or not at all."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.partial{path.suffix}")
+    try:
+        _encode(frames, tmp, fps)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _encode(frames: np.ndarray, path: Path, fps: int) -> None:
     with av.open(str(path), "w") as out:
         stream = out.add_stream("libx264", rate=fps)
         stream.width, stream.height = frames.shape[2], frames.shape[1]
