@@ -58,8 +58,9 @@ class OrtSam2Steps:
             "memory_attention")
         self.memory_encoder = session("memory_encoder")
         cfg = manifest["config"]
-        self.consts = _Constants(load_file(str(folder / "constants.safetensors")), cfg)
-        self.maskmem_pos = load_file(str(folder / "constants.safetensors"))["maskmem_pos"]
+        constants = load_file(str(folder / "constants.safetensors"))
+        self.consts = _Constants(constants, cfg)
+        self.maskmem_pos = constants["maskmem_pos"]
         self.num_maskmem = cfg["num_maskmem"]
         self.max_anchors, self.max_obj_ptrs = cfg["max_anchors_in_attn"], cfg["max_obj_ptrs"]
         self.bf16_storage = bf16_storage
@@ -91,11 +92,11 @@ class OrtSam2Steps:
               num_frames: int) -> FrameOutput:
         memory, pos, n_ptr = gather_memory(self.consts, plan, bank, num_frames, torch.float32)
         spatial = memory.shape[0] - n_ptr
-        as_batch = lambda x: x.transpose(0, 1)  # noqa: E731 - (M, 1, C) -> (1, M, C)
+        memory, pos = memory.transpose(0, 1), pos.transpose(0, 1)  # (M, 1, C) -> (1, M, C)
         (conditioned,) = self._run(
-            self.memory_attention, features=feats.level2, memory=as_batch(memory[:spatial]),
-            memory_pos=as_batch(pos[:spatial]), pointers=as_batch(memory[spatial:]),
-            pointer_pos=as_batch(pos[spatial:]))
+            self.memory_attention, features=feats.level2, memory=memory[:, :spatial],
+            memory_pos=pos[:, :spatial], pointers=memory[:, spatial:],
+            pointer_pos=pos[:, spatial:])
         outs = self._run(self.track_decoder, features=conditioned, high_res0=feats.high_res0,
                          high_res1=feats.high_res1)
         return self._finish(feats, *outs)

@@ -34,11 +34,11 @@ def dynamic_ranges(cfg: VirstConfig) -> dict[str, tuple[int, int, int]]:
     """(min, opt, max) of every named dynamic axis, from the model's limits."""
     hw = cfg.sam_feat_size**2
     split = cfg.sam_dim // cfg.mem_dim
-    frames = cfg.num_maskmem + cfg.max_anchors_in_attn - 1  # 3 anchors + 6 previous = 9
+    frames = cfg.max_memory_frames
     return {
         "batch": (1, 4, 16),
         "memory_tokens": (hw, frames * hw, frames * hw),
-        "pointer_tokens": (split, cfg.max_obj_ptrs * split, (cfg.max_obj_ptrs + 2) * split),
+        "pointer_tokens": (split, cfg.max_obj_ptrs * split, cfg.max_pointer_frames * split),
         "seg_frames": (1, cfg.max_seg_frames, cfg.stf_max_frames),
         "clips": (1, cfg.max_vlm_frames // cfg.clip_frames, cfg.max_vlm_frames // cfg.clip_frames),
     }

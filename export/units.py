@@ -20,7 +20,7 @@ from torch import nn
 
 from virst.model import VirstModel
 from virst.stf import rotate_pairs
-from virst.tdau import FrameFeatures, decode_masks, no_prompt_tokens
+from virst.tdau import decode_masks, no_prompt_tokens
 
 # ------------------------------------------------------------------ export rewrites
 
@@ -229,7 +229,7 @@ def build_units(model: VirstModel, names=None, batch: int = 2, memory_frames: in
     mem = dict(features=rnd(1, c, f, f), memory=rnd(1, memory_frames * hw, cm),
                memory_pos=rnd(1, memory_frames * hw, cm),
                pointers=rnd(1, pointers * split, cm), pointer_pos=rnd(1, pointers * split, cm))
-    max_frames, max_ptr = cfg.num_maskmem + cfg.max_anchors_in_attn - 1, cfg.max_obj_ptrs * split
+    max_frames, max_ptr = cfg.max_memory_frames, cfg.max_pointer_frames * split
     padded = dict(features=mem["features"], memory=rnd(1, max_frames * hw, cm),
                   memory_pos=rnd(1, max_frames * hw, cm), pointers=rnd(1, max_ptr, cm),
                   pointer_pos=rnd(1, max_ptr, cm),
@@ -285,9 +285,3 @@ def build_units(model: VirstModel, names=None, batch: int = 2, memory_frames: in
 UNIT_NAMES = ("image_encoder", "mask_decoder_anchor", "mask_decoder_track", "memory_attention",
               "memory_attention_padded", "memory_encoder", "seg_prompter", "vision")
 
-
-def reference_features(model: VirstModel, pixels: torch.Tensor) -> FrameFeatures:
-    """The reference path's features, for comparisons with the image encoder unit."""
-    from virst.tdau import encode_batch
-
-    return encode_batch(model.sam2, pixels)

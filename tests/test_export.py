@@ -72,7 +72,8 @@ def test_memory_attention_takes_1_to_9_frames_and_any_pointer_count(fp32, tiny_d
     hw, cm, split = cfg.sam_feat_size**2, cfg.mem_dim, cfg.sam_dim // cfg.mem_dim
     g = torch.Generator().manual_seed(5)
     feats = torch.randn(1, cfg.sam_dim, cfg.sam_feat_size, cfg.sam_feat_size, generator=g)
-    for frames, ptrs in [(1, 1), (2, 0), (4, 7), (9, 16)]:
+    most = (cfg.max_memory_frames, cfg.max_pointer_frames)  # 9 frames, 18 pointers
+    for frames, ptrs in [(1, 1), (2, 0), (4, 7), most]:
         mem, mem_pos = (torch.randn(1, frames * hw, cm, generator=g) for _ in range(2))
         ptr, ptr_pos = (torch.randn(1, ptrs * split, cm, generator=g) for _ in range(2))
         ref = unit(feats, mem, mem_pos, ptr, ptr_pos).numpy()
@@ -81,7 +82,7 @@ def test_memory_attention_takes_1_to_9_frames_and_any_pointer_count(fp32, tiny_d
         got = sess.run(None, {k: v.numpy() for k, v in feeds.items()})[0]
         assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max(), (frames, ptrs)
         # the padded static variant with validity masks gives the same answer
-        pad_frames, pad_ptrs = 9, 16 * split
+        pad_frames, pad_ptrs = cfg.max_memory_frames, cfg.max_pointer_frames * split
         pf = torch.zeros(1, pad_frames * hw, cm)
         pf[:, : frames * hw] = mem
         pp = torch.zeros(1, pad_frames * hw, cm)

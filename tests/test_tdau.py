@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import make_tiny_sam
 
+from virst.config import preset
 from virst.tdau import (
     TorchSam2Steps,
     anchor_indices,
@@ -68,6 +69,13 @@ def test_select_memory_cases():
     # pointer window shrinks with short videos: min(num_frames, 16) - 1 previous frames
     plan = select_memory(7, [0], 8)
     assert [d for d, _ in plan.pointers] == [7, 1, 2, 3, 4, 5, 6]
+
+    # the most a frame can attend (what padded units and engine profiles must hold):
+    # 3 anchors far back + 15 previous pointers, 3 anchors + 6 previous spatial memories
+    cfg = preset("virst-7b")
+    plan = select_memory(130, [0, 50, 100], 131)
+    assert len(plan.pointers) == cfg.max_pointer_frames == 18
+    assert len(plan.anchors) + len(plan.previous) == cfg.max_memory_frames == 9
 
 
 def _sam2_outputs(sam, feats, frames, anchor_outputs, num_frames):

@@ -11,7 +11,7 @@ from virst.data.render import Shape, render
 from virst.model import VirstModel
 from virst.train import losses as L
 from virst.train.stages import STAGES, parameter_groups, set_trainable
-from virst.train.step import Sample, answer_targets, keyframes
+from virst.train.step import Sample, answer_targets, forward_losses, keyframes, point_prompts
 from virst.train.trainer import TrainConfig, Trainer
 
 
@@ -134,3 +134,26 @@ def test_resume_after_interrupt_reaches_the_same_parameters(tmp_path):
     assert a.keys() == b.keys() and not any("lora_" in k for k in a)  # merged at the end
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert (tmp_path / "b" / "model" / "model.safetensors").is_file()
+
+
+def test_mixed_schedule_and_click_prompts():
+    """Stage 0's sample schedule, clicks inside the object on exactly the frames that show it,
+    and a "points" step training SAM2's heads, not the STF."""
+    mixed = STAGES[0]
+    assert [mixed.mode_for(i) for i in range(4)] == ["anchors", "propagate"] * 2
+    assert [mixed.mode_for(i, 3, 2) for i in range(6)] == [
+        "points", "anchors", "propagate", "anchors", "points", "propagate"]
+    assert STAGES[3].mode_for(0, 3, 2) == "propagate"
+    model = VirstModel.from_preset("tiny", seed=0)
+    target = torch.zeros(3, 32, 32)
+    target[0, 7, 9] = target[2, 21, 2] = 1  # one-pixel objects: the click is forced
+    frames, sparse = point_prompts(model, target, np.random.default_rng(0))
+    want, _ = model.sam2.sam_prompt_encoder(
+        points=(torch.tensor([[[9.0, 7.0]], [[2.0, 21.0]]]), torch.ones(2, 1, dtype=torch.int32)),
+        boxes=None, masks=None)
+    assert frames == [0, 2] and torch.equal(sparse, want)
+    parts = forward_losses(model.train(), toy_sample(0), "points")
+    assert parts["dice"].item() > 0 and parts["token"].item() > 0
+    (parts["bce"] + parts["dice"]).backward()
+    assert model.sam2.sam_prompt_encoder.point_embeddings[1].weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.seg_prompter.parameters())

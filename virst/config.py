@@ -90,6 +90,17 @@ class VirstConfig:
         return self.sam_image_size // 16
 
     @property
+    def max_memory_frames(self) -> int:
+        """Spatial memories one tracked frame attends at most: anchors + previous frames."""
+        return self.max_anchors_in_attn + self.num_maskmem - 1
+
+    @property
+    def max_pointer_frames(self) -> int:
+        """Object pointers one tracked frame attends at most: the attended anchors + the
+        earlier frames in reach (anchors far back add to those, see `select_memory`)."""
+        return self.max_anchors_in_attn + self.max_obj_ptrs - 1
+
+    @property
     def sam_lowres_size(self) -> int:
         return self.sam_image_size // 4
 
