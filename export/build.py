@@ -22,7 +22,6 @@ from pathlib import Path
 
 import onnx
 import torch
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from export import manifest as mf
@@ -30,6 +29,7 @@ from export.onnx_io import Verification, export_onnx, load_checked, structural_c
 from export.precision import apply_precision
 from export.units import UNIT_NAMES, Unit, build_units
 from virst.errors import VirstError
+from virst.files import save_tensors
 from virst.tdau import no_prompt_tokens
 
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -123,7 +123,7 @@ def write_constants(model, out: Path) -> dict:
             "obj_ptr_tpos_proj.bias": sam.obj_ptr_tpos_proj.bias,
         }
     path = out / "constants.safetensors"
-    save_file({k: v.detach().float().contiguous() for k, v in tensors.items()}, str(path))
+    save_tensors({k: v.detach().float().contiguous() for k, v in tensors.items()}, str(path))
     return {"files": {path.name: mf.sha256_file(path)},
             "tensors": {k: list(v.shape) for k, v in tensors.items()}}
 
@@ -149,6 +149,15 @@ def _tensorrt(manifest: dict, out: Path, precision: str, cfg) -> str:
     return f"{len(engines)} TensorRT engines on {gpu}"
 
 
+def model_identity(checkpoint: str | None) -> dict:
+    """Which model the artifacts come from (the runtime refuses them for another)."""
+    from virst.cli import DEFAULT_MODEL_DIR
+
+    folder = Path(checkpoint) if checkpoint else DEFAULT_MODEL_DIR
+    return {"folder": str(folder.resolve()),
+            "fingerprint": mf.weights_fingerprint(folder / "model.safetensors")}
+
+
 def load_model(checkpoint: str | None):
     from virst.cli import load_model as cli_load
 
@@ -167,6 +176,7 @@ def build(precision: str, out: Path, checkpoint: str | None = None, units=None,
         raise BuildError(f"{out} holds {old.get('precision')} artifacts; use another --out")
     manifest = {"format": mf.FORMAT, "toolkit": mf.toolkit_version(), "precision": precision,
                 "producers": mf.producers(), "config": model.config.to_dict(),
+                "model": model_identity(checkpoint),
                 "artifacts": dict(old.get("artifacts", {}))}
     checks_all: list[Verification] = []
     want_llm = units is None or "llm" in units

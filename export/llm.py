@@ -11,9 +11,9 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from transformers import Qwen2ForCausalLM
 
+from virst.files import save_tensors
 from virst.model import VirstModel
 from virst.vlm import qwen2_config
 
@@ -32,7 +32,7 @@ def write_llm_folder(model: VirstModel, folder: Path, dtype: torch.dtype) -> lis
     if missing:
         raise RuntimeError(f"LLM folder would miss {sorted(missing)[:4]}")
     tensors = {k: v.detach().to(dtype).contiguous().cpu() for k, v in state.items()}
-    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    save_tensors(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     config.save_pretrained(folder)
     files = [folder / "model.safetensors", folder / "config.json"]
     if model.tokenizer is not None:  # vLLM's pooling runner needs a tokenizer beside it
@@ -42,5 +42,5 @@ def write_llm_folder(model: VirstModel, folder: Path, dtype: torch.dtype) -> lis
              model.config.llm_max_positions}, indent=2) + "\n")
         files += [folder / "tokenizer.json", folder / "tokenizer_config.json"]
     embed = folder.parent / "embed_tokens.safetensors"
-    save_file({"embed_tokens": tensors["model.embed_tokens.weight"]}, str(embed))
+    save_tensors({"embed_tokens": tensors["model.embed_tokens.weight"]}, str(embed))
     return files + [embed]

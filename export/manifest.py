@@ -25,6 +25,22 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def weights_fingerprint(weights: Path) -> str:
+    """A cheap identity of a model.safetensors file: its header (every tensor's name, dtype,
+    shape and offset), size and the first and last MiB of data. Reading 16 GB to tell two
+    checkpoints apart is not needed; any retrained or other model differs here."""
+    h = hashlib.sha256()
+    size = weights.stat().st_size
+    with open(weights, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        h.update(f.read(min(header_len, size)))
+        h.update(f.read(1 << 20))
+        f.seek(max(0, size - (1 << 20)))
+        h.update(f.read(1 << 20))
+    h.update(str(size).encode())
+    return h.hexdigest()[:32]
+
+
 def toolkit_version() -> str:
     try:
         return metadata.version("virst-deploy")

@@ -37,6 +37,7 @@ def dynamic_ranges(cfg: VirstConfig) -> dict[str, tuple[int, int, int]]:
     frames = cfg.max_memory_frames
     return {
         "batch": (1, 4, 16),
+        "objects": (1, 1, 8),  # expressions propagated together in one session
         "memory_tokens": (hw, frames * hw, frames * hw),
         "pointer_tokens": (split, cfg.max_obj_ptrs * split, cfg.max_pointer_frames * split),
         "seg_frames": (1, cfg.max_seg_frames, cfg.stf_max_frames),

@@ -190,6 +190,59 @@ class MemoryEncoder(nn.Module):
         return maskmem
 
 
+class AnchorStep(nn.Module):
+    """Anchor frames in one call: the mask head from the prompt tokens (best of 3, pointer,
+    no-object handling) and the memory encoder on the chosen mask."""
+
+    def __init__(self, model: VirstModel):
+        super().__init__()
+        self.decoder = MaskDecoder(model, anchor=True)
+        self.memory = MemoryEncoder(model)
+
+    def forward(self, features, high_res0, high_res1, prompt):
+        logits, ious, score, ptr = self.decoder(features, high_res0, high_res1, prompt)
+        return logits, ious, score, ptr, self.memory(features, logits, score)
+
+
+class TrackStep(nn.Module):
+    """A whole propagated frame in one call, at fixed shapes so that one graph (engine,
+    CUDA graph) serves every frame: memory attention over `S` spatial memory slots and
+    `P` object pointers with validity masks, the mask head with SAM2's no-prompt tokens,
+    the memory encoder. Inputs per object b:
+
+      memory (B, S, h*w, Cm)   spatial memories; memory_tpos (B, S, Cm) their temporal
+                               encodings (added to the constant spatial one inside)
+      pointers (B, P, C)       object pointers, split into C / Cm tokens inside;
+                               pointer_pos (B, P, Cm) their signed temporal encodings
+      memory_valid (B, S), pointer_valid (B, P)   1 for real entries, 0 for padding
+    """
+
+    def __init__(self, model: VirstModel):
+        super().__init__()
+        cfg = model.config
+        self.attention = MemoryAttention(model, padded=True)
+        self.decoder = MaskDecoder(model, anchor=False)
+        self.memory = MemoryEncoder(model)
+        self.split = cfg.sam_dim // cfg.mem_dim
+        f = cfg.sam_feat_size
+        pos = model.sam2.memory_encoder.position_encoding(torch.zeros(1, cfg.mem_dim, f, f))
+        self.register_buffer("maskmem_pos", pos.flatten(2).transpose(1, 2)[0])  # (hw, Cm)
+
+    def forward(self, features, high_res0, high_res1, memory, memory_tpos, memory_valid,
+                pointers, pointer_pos, pointer_valid):
+        b, s, hw, cm = memory.shape
+        pos = (self.maskmem_pos[None, None] + memory_tpos[:, :, None]).reshape(b, s * hw, cm)
+        p = pointers.shape[1]
+        # SAM2 splits each C-d pointer into C / Cm tokens, each with the pointer's encoding
+        ptr_tokens = pointers.reshape(b, p * self.split, cm)
+        ptr_pos = pointer_pos.repeat_interleave(self.split, dim=1)
+        ptr_valid = pointer_valid.repeat_interleave(self.split, dim=1)
+        conditioned = self.attention(features, memory.reshape(b, s * hw, cm), pos, ptr_tokens,
+                                     ptr_pos, memory_valid, ptr_valid)
+        logits, ious, score, ptr = self.decoder(conditioned, high_res0, high_res1)
+        return logits, ious, score, ptr, self.memory(features, logits, score)
+
+
 class SegPrompterUnit(nn.Module):
     def __init__(self, model: VirstModel):
         super().__init__()
@@ -211,6 +264,22 @@ class VisionUnit(nn.Module):
 
 
 # ----------------------------------------------------------------------- unit table
+
+STEP_OUTPUTS = ("mask_logits", "ious", "obj_score", "obj_ptr", "maskmem")
+STEP_FP32 = ("mask_logits", "ious", "obj_score")
+TRACK_INPUTS = ("features", "high_res0", "high_res1", "memory", "memory_tpos", "memory_valid",
+                "pointers", "pointer_pos", "pointer_valid")
+
+
+def track_inputs(cfg, rnd, batch: int, feats: dict) -> dict:
+    """Example `TrackStep` inputs at the config's fixed memory bounds, some slots padding."""
+    s, p = cfg.max_memory_frames, cfg.max_pointer_frames
+    hw, cm = cfg.sam_feat_size**2, cfg.mem_dim
+    return {**feats, "memory": rnd(batch, s, hw, cm), "memory_tpos": rnd(batch, s, cm),
+            "memory_valid": (torch.arange(s) < s - 2).float().expand(batch, s).contiguous(),
+            "pointers": rnd(batch, p, cfg.sam_dim), "pointer_pos": rnd(batch, p, cm),
+            "pointer_valid": (torch.arange(p) < p - 3).float().expand(batch, p).contiguous()}
+
 
 
 def build_units(model: VirstModel, names=None, batch: int = 2, memory_frames: int = 3,
@@ -265,6 +334,15 @@ def build_units(model: VirstModel, names=None, batch: int = 2, memory_frames: in
              "obj_score": rnd(batch, 1)},
             ["maskmem"], {k: {0: "batch"} for k in ("features", "mask_logits", "obj_score")},
             fp32_inputs=("mask_logits", "obj_score")),
+        "anchor_step": lambda: Unit(
+            "anchor_step", AnchorStep(model),
+            {**feats, "prompt": rnd(batch, cfg.num_seg_tokens, c)},
+            [*STEP_OUTPUTS], {k: {0: "batch"} for k in (*feats, "prompt")},
+            fp32_outputs=STEP_FP32),
+        "track_step": lambda: Unit(
+            "track_step", TrackStep(model), track_inputs(cfg, rnd, batch, feats),
+            [*STEP_OUTPUTS], {k: {0: "objects"} for k in TRACK_INPUTS},
+            fp32_inputs=("memory_valid", "pointer_valid"), fp32_outputs=STEP_FP32),
         "seg_prompter": lambda: Unit(
             "seg_prompter", SegPrompterUnit(model),
             {"seg_hidden": rnd(1, cfg.num_seg_tokens, cfg.llm_hidden),
@@ -283,5 +361,6 @@ def build_units(model: VirstModel, names=None, batch: int = 2, memory_frames: in
 
 
 UNIT_NAMES = ("image_encoder", "mask_decoder_anchor", "mask_decoder_track", "memory_attention",
-              "memory_attention_padded", "memory_encoder", "seg_prompter", "vision")
+              "memory_attention_padded", "memory_encoder", "anchor_step", "track_step",
+              "seg_prompter", "vision")
 

@@ -1,9 +1,14 @@
 """The `virst` command, run as a user runs it (a real subprocess)."""
 
+import json
+import os
 import subprocess
 import sys
 
+import av
 import numpy as np
+import pytest
+from conftest import truncated_avi
 from PIL import Image
 
 from virst.media import write_video
@@ -24,8 +29,125 @@ def test_segment_writes_one_png_per_frame(tmp_path):
     assert [p.stem for p in pngs] == [f"{i:05d}" for i in range(9)]
     with Image.open(pngs[0]) as im:
         assert im.size == (56, 40) and im.mode == "P"
-    assert "segment" in res.stderr  # progress bar
-    assert "9 frames in" in res.stdout
+    assert "segment" in res.stderr and "frame/s" in res.stderr  # progress bar with FPS
+    assert "9 frames in" in res.stdout and "threads" in res.stdout
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    path = tmp_path_factory.mktemp("clip") / "clip.mp4"
+    frames = np.random.default_rng(0).integers(0, 255, (6, 33, 47, 3), dtype=np.uint8)
+    write_video(frames, path, lossless=True)  # odd size kept (yuv444p)
+    return path
+
+
+def test_outputs_are_checked_before_any_work(clip, tmp_path):
+    """A file, an unwritable place, an existing non-empty folder: refused at once, nothing
+    decoded, nothing written; the checks come before the video is even opened."""
+    missing = str(tmp_path / "no-such-video.mp4")
+    (tmp_path / "file").write_text("x")
+    for out, message in [(tmp_path / "file", "is a file, not a folder"),
+                         ("/sys/virst-test/masks", "is not writable")]:
+        res = run("segment", missing, "the red circle", "-o", str(out))
+        assert res.returncode == 2 and message in res.stderr, res.stderr
+    res = run("segment", missing, "  ", "-o", str(tmp_path / "o"))  # before the video
+    assert res.returncode == 2 and "the expression is empty" in res.stderr
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "stale.png").write_bytes(b"old")
+    res = run("segment", str(clip), "the red circle", "-o", str(full))
+    assert res.returncode == 2 and "not empty" in res.stderr and "--overwrite" in res.stderr
+    res = run("segment", str(clip), "the red circle", "-o", str(full), "--overwrite")
+    assert res.returncode == 0, res.stderr
+    assert sorted(p.name for p in full.iterdir()) == [f"{i:05d}.png" for i in range(6)]
+    assert not (tmp_path / "o").exists()
+
+
+def test_devices_and_options_are_named(clip, tmp_path):
+    import torch
+
+    cases = [("--device", "foo", "unknown device 'foo'"), ("--backend", "tpu", "unknown backend"),
+             ("--precision", "fp8", "unknown precision")]
+    if not torch.cuda.is_available():
+        cases.append(("--device", "cuda", "no CUDA GPU is available"))
+    for flag, value, message in cases:
+        res = run("segment", str(clip), "the red circle", "-o", str(tmp_path / "o"), flag, value)
+        assert res.returncode == 2 and message in res.stderr, (flag, res.stderr)
+        assert "Traceback" not in res.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_expressions_too_long_or_with_unknown_words(clip, tmp_path):
+    res = run("segment", str(clip), "red " * 5000, "-o", str(tmp_path / "a"))
+    assert res.returncode == 2 and "too long" in res.stderr and "4096" in res.stderr
+    assert not (tmp_path / "a").exists()
+    res = run("segment", str(clip), "the red zorblax", "-o", str(tmp_path / "b"))
+    assert res.returncode == 0 and "'zorblax'" in res.stderr and "[UNK]" in res.stderr
+
+
+def test_a_truncated_video_fails_or_warns_loudly(tmp_path):
+    cut = truncated_avi(tmp_path, frames=40, keep=0.3)
+    res = run("segment", str(cut), "the red circle", "-o", str(tmp_path / "o"))
+    assert res.returncode == 2 and "cut short" in res.stderr and "declares 40" in res.stderr
+    assert not (tmp_path / "o").exists()
+    res = run("segment", str(cut), "the red circle", "-o", str(tmp_path / "o"),
+              "--allow-truncated")
+    assert res.returncode == 0 and "WARNING" in res.stderr
+    assert 0 < len(list((tmp_path / "o").glob("*.png"))) < 40
+
+
+def test_rle_overlay_and_several_expressions(clip, tmp_path):
+    from pycocotools import mask as coco
+
+    from virst.media import read_mask
+
+    out = tmp_path / "o"
+    res = run("segment", str(clip), "the red circle", "the blue square", "-o", str(out),
+              "--rle", str(tmp_path / "m.json"), "--overlay", str(tmp_path / "o.mp4"),
+              "--backend", "onnxruntime")
+    assert res.returncode == 0, res.stderr
+    doc = json.loads((tmp_path / "m.json").read_text())
+    assert doc["expressions"] == ["the red circle", "the blue square"]
+    assert doc["size"] == [33, 47] and len(doc["frames"]) == 6
+    for record in doc["frames"]:
+        for m in record["masks"]:
+            rle = {"size": m["rle"]["size"], "counts": m["rle"]["counts"].encode()}
+            png = read_mask(out / str(m["expression"]) / f"{record['name']}.png")
+            assert np.array_equal(coco.decode(rle).astype(bool), png)
+    with av.open(str(tmp_path / "o.mp4")) as container:
+        stream = container.streams.video[0]
+        assert stream.codec_context.pix_fmt == "yuv420p"  # what every player takes
+        assert sum(1 for _ in container.decode(stream)) == 6
+    mode = 0o666 & ~current_umask()
+    for path in (tmp_path / "m.json", tmp_path / "o.mp4"):
+        assert os.stat(path).st_mode & 0o777 == mode
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_masks_are_staged_inside_the_output_folder(clip, tmp_path, monkeypatch):
+    """-o at a mount point failed with "Invalid cross-device link" when masks were staged in
+    the parent folder; every move now stays inside the output folder's own filesystem."""
+    import runtime.writer as writer_mod
+    from runtime.pipeline import Runtime
+    from runtime.writer import MaskWriter
+
+    moves = []
+    real = os.replace
+    monkeypatch.setattr(writer_mod.os, "replace",
+                        lambda a, b: (moves.append((str(a), str(b))), real(a, b))[1])
+    out = tmp_path / "mount-point"
+    runtime = Runtime(threads=1)
+    session = runtime.session(clip)
+    with MaskWriter(["x"], session.source.size, folder=out) as writer:
+        for frame in session.segment(["the red circle"]):
+            writer.write(frame)
+    assert len(moves) == 6
+    assert all(a.startswith(str(out) + "/") and b.startswith(str(out) + "/") for a, b in moves)
 
 
 def test_errors_are_one_line_and_exit_2(tmp_path):

@@ -24,7 +24,7 @@ def test_folder_frames_are_ordered_by_the_number_in_their_names(tmp_path):
 
 def test_video_file_round_trip(tmp_path):
     frames = _frames(t=6, h=32, w=48)
-    write_video(frames, tmp_path / "v.mp4")
+    write_video(frames, tmp_path / "v.mp4", lossless=True)
     video = load_video(tmp_path / "v.mp4")
     assert video.frames.shape == frames.shape and len(video.names) == 6
     assert np.abs(video.frames.astype(int) - frames).mean() < 3  # near-lossless H.264

@@ -113,7 +113,7 @@ def test_anchor_with_constant_prompt_equals_sam2_initial_frame(tiny_sam, tiny_cf
 
 @torch.inference_mode()
 @pytest.mark.parametrize("anchors,object_bias", [
-    ((0, 5, 9, 14, 19), 1.0), ((2, 11), 1.0), ((6,), 1.0), ((0, 7, 14), -0.02)])
+    ((0, 5, 9, 14, 19), 1.0), ((2, 11), 1.0), ((6,), 1.0), ((0, 7, 14), -0.07)])
 def test_propagation_is_bit_exact_against_sam2base(tiny_cfg, anchors, object_bias):
     """Every frame's mask logits equal SAM2Base.track_step's, bit for bit; the last case
     has the object absent on some frames (NO_OBJ masks, no_obj_ptr) and present on others."""

@@ -11,7 +11,13 @@ from virst.data.render import Shape, render
 from virst.model import VirstModel
 from virst.train import losses as L
 from virst.train.stages import STAGES, parameter_groups, set_trainable
-from virst.train.step import Sample, answer_targets, forward_losses, keyframes, point_prompts
+from virst.train.step import (
+    Sample,
+    answer_targets,
+    corrective_clicks,
+    forward_losses,
+    keyframes,
+)
 from virst.train.trainer import TrainConfig, Trainer
 
 
@@ -106,7 +112,8 @@ def toy_sample(index: int) -> Sample:
 
 def _toy_trainer(tmp_path, **kw):
     model = VirstModel.from_preset("tiny", seed=0)
-    cfg = TrainConfig(out=str(tmp_path), eval_videos=0, warmup=0.0, **kw)
+    cfg = TrainConfig(out=str(tmp_path), eval_videos=0, check_videos=0, warmup=0.0,
+                      click_videos=1, **kw)
     return Trainer(model, cfg, sample_fn=lambda i: toy_sample(0))
 
 
@@ -136,24 +143,31 @@ def test_resume_after_interrupt_reaches_the_same_parameters(tmp_path):
     assert (tmp_path / "b" / "model" / "model.safetensors").is_file()
 
 
-def test_mixed_schedule_and_click_prompts():
-    """Stage 0's sample schedule, clicks inside the object on exactly the frames that show it,
-    and a "points" step training SAM2's heads, not the STF."""
-    mixed = STAGES[0]
-    assert [mixed.mode_for(i) for i in range(4)] == ["anchors", "propagate"] * 2
-    assert [mixed.mode_for(i, 3, 2) for i in range(6)] == [
-        "points", "anchors", "propagate", "anchors", "points", "propagate"]
-    assert STAGES[3].mode_for(0, 3, 2) == "propagate"
+def test_stage_schedule_and_click_prompts():
+    """Stages training SAM2's heads keep every n-th sample on clicks; corrective clicks land in the larger error region
+    with the right label; a click step trains SAM2's heads and nothing of the STF."""
+    assert STAGES[0].mode_for(0) == "clicks"
+    assert [STAGES[3].mode_for(i, 3) for i in range(4)] == [
+        "clicks", "propagate", "propagate", "clicks"]
+    assert STAGES[1].mode_for(0, 3) == "anchors"  # SAM2 frozen: no click samples
+    target = torch.zeros(2, 8, 8, dtype=torch.bool)
+    target[:, 2:6, 2:6] = True
+    pred = torch.zeros(2, 8, 8, dtype=torch.bool)
+    pred[0, 2:4, 2:6] = True  # misses 8 pixels: a positive click on one of them
+    pred[1] = target[1]
+    pred[1, 0, :] = True  # 8 false pixels and nothing missed: a negative click there
+    points, labels = corrective_clicks(pred, target.float(), np.random.default_rng(0))
+    (x0, y0), (x1, y1) = points[0][0], points[1][0]
+    assert labels == [[1], [0]]
+    assert target[0, int(y0), int(x0)] and not pred[0, int(y0), int(x0)]
+    assert y1 == 0 and not target[1, int(y1), int(x1)]
     model = VirstModel.from_preset("tiny", seed=0)
-    target = torch.zeros(3, 32, 32)
-    target[0, 7, 9] = target[2, 21, 2] = 1  # one-pixel objects: the click is forced
-    frames, sparse = point_prompts(model, target, np.random.default_rng(0))
-    want, _ = model.sam2.sam_prompt_encoder(
-        points=(torch.tensor([[[9.0, 7.0]], [[2.0, 21.0]]]), torch.ones(2, 1, dtype=torch.int32)),
-        boxes=None, masks=None)
-    assert frames == [0, 2] and torch.equal(sparse, want)
-    parts = forward_losses(model.train(), toy_sample(0), "points")
-    assert parts["dice"].item() > 0 and parts["token"].item() > 0
+    sample = toy_sample(0)
+    parts = forward_losses(model.train(), sample, "clicks")
+    assert parts["dice"].item() > 0 and parts["token"].item() == 0
     (parts["bce"] + parts["dice"]).backward()
     assert model.sam2.sam_prompt_encoder.point_embeddings[1].weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in model.seg_prompter.parameters())
+    assert all(p.grad is None for p in model.vlm.parameters())
+    parts = forward_losses(model.train(), sample, "click_propagate")
+    assert parts["dice"].item() > 0

@@ -17,10 +17,11 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from virst.config import VirstConfig, preset
 from virst.errors import CheckpointError
+from virst.files import save_tensors
 from virst.model import CONFIG, TOKENIZER, WEIGHTS, VirstModel, init_empty_weights
 from virst.prompt import SEG_TOKEN, load_tokenizer
 
@@ -152,7 +153,7 @@ def convert(official: str | Path, out: str | Path, *, videochat: str | Path | No
                               + ", ".join(missing[:8]) + more)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(out / WEIGHTS))
+    save_tensors({k: v.contiguous() for k, v in state.items()}, str(out / WEIGHTS))
     config.save(out / CONFIG)
     if videochat:
         _write_tokenizer(Path(videochat), out, config)

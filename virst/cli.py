@@ -19,30 +19,89 @@ DEMO_VIDEO, DEMO_EXPRESSION = 5, 0
 
 
 def load_model(folder: str | None, device: str = "cpu"):
-    """The model in `folder`, else the embedded default (or, before one is shipped, a seeded
-    random tiny model, announced as such)."""
+    """The model in `folder`, else the embedded default."""
     from virst.model import VirstModel
 
-    if folder:
-        return VirstModel.from_pretrained(folder, device)
-    if (DEFAULT_MODEL_DIR / "model.safetensors").is_file():
-        return VirstModel.from_pretrained(DEFAULT_MODEL_DIR, device)
-    print("note: no trained default model is embedded; using the seeded random tiny model",
-          file=sys.stderr)
-    return VirstModel.from_preset("tiny", seed=0).to(device)
+    return VirstModel.from_pretrained(folder or DEFAULT_MODEL_DIR, device)
 
 
 def cmd_segment(args) -> None:
-    from virst.media import load_video, save_masks
+    """Every check that can run before the work runs first (options, expressions, outputs,
+    the video's container), then the runtime streams the video through the model."""
+    from tqdm.auto import tqdm
 
-    model = load_model(args.model, args.device)
-    video = load_video(args.video)
+    from runtime.pipeline import Runtime, parse_backend, parse_device, parse_precision
+    from runtime.video import open_video
+    from runtime.writer import MaskWriter
+    from virst.model import VirstModel
+    from virst.prompt import normalize_expression
+
+    parse_backend(args.backend), parse_device(args.device), parse_precision(args.precision)
+    expressions = [normalize_expression(e) for e in args.expression]
+    VirstModel.check_folder(args.model or DEFAULT_MODEL_DIR)
+    writer = MaskWriter(expressions, (0, 0), folder=args.output, rle_path=args.rle,
+                        overlay_path=args.overlay, overwrite=args.overwrite,
+                        label=str(args.video))
+    source = open_video(args.video, args.allow_truncated)
+    writer.size, writer.fps = source.size, source.fps
+    runtime = Runtime(args.model, backend=args.backend, device=args.device,
+                      precision=args.precision, artifacts=args.artifacts, threads=args.threads)
+    runtime.check_expressions(expressions)
+    session = runtime.session(source, seed=args.seed)
     start = time.perf_counter()
-    masks = model.segment(video, args.expression, seed=args.seed, progress=True)
+    with writer, tqdm(total=session.length, desc="segment", unit="frame") as bar:
+        for frame in session.segment(expressions, keep_frames=writer.wants_frames):
+            writer.write(frame)
+            bar.update()
     took = time.perf_counter() - start
-    save_masks(masks.astype(np.uint8), video.names, args.output)
-    print(f"{len(video)} frames in {took:.1f} s ({len(video) / took:.1f} FPS); "
-          f"masks in {args.output}")
+    where = ", ".join(str(p) for p in (args.output, args.rle, args.overlay) if p)
+    print(f"{session.length} frames in {took:.1f} s ({session.length / took:.1f} FPS) on "
+          f"{runtime.describe()}; written to {where}")
+
+
+def cmd_serve(args) -> None:
+    """The runtime behind HTTP (runtime/serve.py); `--ray` deploys it on Ray Serve."""
+    import logging
+
+    from runtime.serve import ServeConfig, read_api_keys
+
+    config = ServeConfig(max_upload_mb=args.max_upload_mb, max_queue=args.max_queue,
+                         deadline_s=args.deadline_s, sessions=args.sessions,
+                         api_keys=read_api_keys(args.api_keys) if args.api_keys else [])
+    if args.store:
+        config.store = Path(args.store)
+    if args.media_root:
+        config.media_root = Path(args.media_root)
+        if not config.media_root.is_dir():
+            raise InputError(f"--media-root {args.media_root} is not a folder")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    runtime_args = dict(model=args.model, backend=args.backend, device=args.device,
+                        precision=args.precision, artifacts=args.artifacts,
+                        threads=args.threads)
+    if args.ray:
+        from runtime.scale import run_ray
+
+        run_ray(runtime_args, config, args.host, args.port, args.replicas, args.ray_address)
+        return
+    import uvicorn
+
+    from runtime.pipeline import Runtime
+    from runtime.serve import create_app
+
+    app = create_app(Runtime(**runtime_args), config)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+
+
+def cmd_client(args) -> None:
+    import os
+
+    from runtime.client import segment_to
+
+    summary = segment_to(args.url, args.video, args.expression, folder=args.output,
+                         rle_path=args.rle, overwrite=args.overwrite,
+                         api_key=args.api_key or os.environ.get("VIRST_API_KEY"))
+    print(f"{summary.get('frames')} frames in {summary.get('seconds')} s on the server "
+          f"({summary.get('fps')} FPS); masks in {args.output or args.rle}")
 
 
 def cmd_demo(args) -> None:
@@ -91,9 +150,18 @@ def cmd_eval(args) -> None:
     if args.dataset == "shapes" and not meta.is_file():
         print(f"generating the shapes {args.split} split in {root}", file=sys.stderr)
         write_split(root, args.split, args.count)
-    model = None if args.pred else load_model(args.model, args.device)
-    result = evaluate(args.dataset, root, args.output, model=model,
-                      model_label=str(args.model or "default"), pred_dir=args.pred,
+    model = None
+    if args.pred is None and args.backend == "reference":
+        model = load_model(args.model, args.device)
+    elif args.pred is None:
+        from runtime.pipeline import Runtime
+
+        model = Runtime(args.model, backend=args.backend, device=args.device,
+                        threads=args.threads)
+    label = f"{args.model or 'default'}" + ("" if args.backend == "reference"
+                                            else f" on {args.backend}")
+    result = evaluate(args.dataset, root, args.output, model=model, model_label=label,
+                      pred_dir=args.pred,
                       split=args.split, workers=args.workers)
     print(report(result))
     print(f"results in {Path(args.output) / 'results.json'}")
@@ -127,7 +195,8 @@ def cmd_train(args) -> None:
     cfg = TrainConfig(out=args.output, stages=stages, lora=args.lora, seed=args.seed,
                       accumulate=args.accumulate, eval_videos=args.eval_videos,
                       save_every=args.save_every, propagate_every=args.propagate_every,
-                      points_every=args.points_every)
+                      points_every=args.points_every, prompt_init=not args.init,
+                      check_every=args.check_every)
     for stage, steps in zip(stages, args.steps or []):
         cfg.steps[stage] = steps
     for stage, lr in zip(stages, args.lr or []):
@@ -186,13 +255,61 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("segment", help="segment the object an expression describes")
     p.add_argument("video", help="video file or folder of frames")
-    p.add_argument("expression")
-    p.add_argument("-o", "--output", required=True, help="folder for one PNG mask per frame")
+    p.add_argument("expression", nargs="+",
+                   help="one or more expressions (several share one pass over the video)")
+    p.add_argument("-o", "--output", help="folder for one PNG mask per frame (a subfolder "
+                                          "per expression when there are several)")
+    p.add_argument("--rle", help="also write COCO RLE masks to this JSON file")
+    p.add_argument("--overlay", help="also write the video with the masks tinted (mp4)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the masks of a non-empty output folder")
     p.add_argument("--model", help="model folder (default: the embedded model)")
+    p.add_argument("--backend", default="eager",
+                   help="eager, compiled, onnxruntime or tensorrt (default: eager)")
+    p.add_argument("--artifacts", help="export folder for onnxruntime / tensorrt (default: "
+                                       "built from the model once and cached)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", default="fp32", help="fp32, fp16 or bf16")
+    p.add_argument("--threads", type=int, help="cores to use (default: all available)")
+    p.add_argument("--allow-truncated", action="store_true",
+                   help="segment a video that ends before its container says (warns)")
     p.add_argument("--seed", type=int, default=None,
                    help="random frame sampling as in the release (default: deterministic)")
     p.set_defaults(run=cmd_segment)
+
+    p = sub.add_parser("serve", help="serve the runtime over HTTP (FastAPI; --ray: Ray Serve)")
+    p.add_argument("--model", help="model folder (default: the embedded model)")
+    p.add_argument("--backend", default="eager")
+    p.add_argument("--artifacts")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", default="fp32")
+    p.add_argument("--threads", type=int, help="cores per model replica")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--store", help="where uploads are kept (default ~/.cache/virst/videos)")
+    p.add_argument("--media-root", help="folder whose files may be segmented by path")
+    p.add_argument("--max-upload-mb", type=float, default=512)
+    p.add_argument("--max-queue", type=int, default=8, help="waiting requests before 429")
+    p.add_argument("--deadline-s", type=float, default=600, help="per-request deadline")
+    p.add_argument("--sessions", type=int, default=4, help="videos whose features stay cached")
+    p.add_argument("--api-keys", help="file of bearer tokens, one per line (default: no auth)")
+    p.add_argument("--ray", action="store_true", help="deploy on Ray Serve")
+    p.add_argument("--replicas", type=int, default=2, help="model replicas (--ray)")
+    p.add_argument("--ray-address", default="auto",
+                   help="Ray cluster to join (--ray; 'auto': the local one, else start one)")
+    p.set_defaults(run=cmd_serve)
+
+    p = sub.add_parser("client", help="segment a video on a `virst serve` server")
+    csub = p.add_subparsers(dest="client_command", required=True)
+    c = csub.add_parser("segment", help="upload, segment, write masks like `virst segment`")
+    c.add_argument("url")
+    c.add_argument("video")
+    c.add_argument("expression", nargs="+")
+    c.add_argument("-o", "--output", help="mask folder")
+    c.add_argument("--rle", help="COCO RLE JSON file")
+    c.add_argument("--overwrite", action="store_true")
+    c.add_argument("--api-key", help="bearer token (default: $VIRST_API_KEY)")
+    c.set_defaults(run=cmd_client)
 
     p = sub.add_parser("demo", help="generate a clip and segment it with the default model")
     p.add_argument("-o", "--output", default="out/demo")
@@ -213,6 +330,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="valid")
     p.add_argument("--count", type=int, default=24, help="shapes videos to generate if absent")
     p.add_argument("--workers", type=int, default=None, help="scoring processes")
+    p.add_argument("--backend", default="reference",
+                   help="reference (VirstModel.segment) or a runtime backend: eager, "
+                        "compiled, onnxruntime, tensorrt")
+    p.add_argument("--threads", type=int, help="cores for a runtime backend")
     p.add_argument("--device", default="cpu")
     p.set_defaults(run=cmd_eval)
 
@@ -238,9 +359,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a preset config field (repeatable)")
     p.add_argument("--propagate-every", type=int, default=2,
-                   help="stage 0: every n-th sample trains propagation")
-    p.add_argument("--points-every", type=int, default=0,
-                   help="stage 0: every n-th sample trains SAM2 click prompts (0: never)")
+                   help="stage 0: every n-th sample trains propagation from clicks")
+    p.add_argument("--points-every", type=int, default=4,
+                   help="stages 2-3: every n-th sample trains SAM2 click prompts (0: never)")
+    p.add_argument("--check-every", type=int, default=100,
+                   help="measure prompt following every n steps of stages training SAM2")
     p.add_argument("--lora", action="store_true", help="LoRA (r 64, alpha 16) on the LLM")
     p.add_argument("--accumulate", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)

@@ -53,6 +53,10 @@ class VirstConfig:
     hiera_window_spec: tuple[int, ...] = (8, 4, 16, 8)
     hiera_pos_bkg: tuple[int, int] = (7, 7)
     sam_dim: int = 256
+    # SAM2 hard-codes 8 heads (16 lanes each in the decoder's half-width cross-attention);
+    # smaller sam_dim must keep 16 lanes per head or the decoder never learns to locate its
+    # prompt (DESIGN.md section 7). A model folder without the field is an 8-head model.
+    sam_decoder_heads: int = 8
     mem_dim: int = 64
     mem_attn_layers: int = 4
     mem_attn_ffn: int = 2048
@@ -122,6 +126,8 @@ class VirstConfig:
              "sam_image_size/16 must be stf_grid times a power of two"),
             (self.sam_dim % self.stf_heads == 0, "sam_dim % stf_heads"),
             (self.sam_dim % self.mem_dim == 0, "sam_dim % mem_dim"),
+            ((self.sam_dim // 2) % self.sam_decoder_heads == 0,
+             "sam_dim / 2 % sam_decoder_heads (the decoder's cross-attention width)"),
             (self.llm_hidden % self.llm_heads == 0, "llm_hidden % llm_heads"),
             (self.llm_heads % self.llm_kv_heads == 0, "llm_heads % llm_kv_heads"),
             (self.umt_width % self.umt_heads == 0, "umt_width % umt_heads"),
@@ -170,7 +176,8 @@ _PRESETS: dict[str, dict] = {
         llm_max_positions=4096, vocab_size=512, seg_token_id=4,
         sam_image_size=256, hiera_embed_dim=32, hiera_heads=1, hiera_stages=(1, 2, 2, 1),
         hiera_global_blocks=(4,), hiera_window_spec=(8, 4, 8, 4), hiera_pos_bkg=(4, 4),
-        sam_dim=64, mem_dim=16, mem_attn_layers=2, mem_attn_ffn=256, mem_fuser_layers=1,
+        sam_dim=64, sam_decoder_heads=2, mem_dim=16, mem_attn_layers=2, mem_attn_ffn=256,
+        mem_fuser_layers=1,
         stf_grid=4, stf_heads=2, fusion_heads=4,
     ),
 }

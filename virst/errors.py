@@ -19,3 +19,7 @@ class ConfigError(VirstError):
 
 class InputError(VirstError):
     """Any other bad argument (empty expression, wrong tensor shape, bad precision name)."""
+
+
+class TrainingError(VirstError):
+    """Training cannot usefully go on (e.g. the mask decoder ignores its prompt)."""

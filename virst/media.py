@@ -99,29 +99,49 @@ def load_video(source) -> Video:
     return _from_array(source)
 
 
-def write_video(frames: np.ndarray, path: str | Path, fps: int = 10) -> None:
-    """Encode (T, H, W, 3) uint8 frames losslessly enough for tests (H.264, yuv444); the
-    file appears whole or not at all."""
+def write_video(frames: np.ndarray, path: str | Path, fps: float = 10,
+                lossless: bool = False) -> None:
+    """Encode (T, H, W, 3) uint8 frames as H.264; the file appears whole or not at all.
+    Default yuv420p, which every player takes; `lossless` (yuv444p, crf 0) is for test
+    fixtures that must decode to the same pixels."""
     path = Path(path)
     tmp = path.with_name(f".{path.stem}.partial{path.suffix}")
     try:
-        _encode(frames, tmp, fps)
+        encoder = VideoEncoder(tmp, frames.shape[1:3], fps, lossless)
+        for frame in frames:
+            encoder.add(frame)
+        encoder.close()
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def _encode(frames: np.ndarray, path: Path, fps: int) -> None:
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream("libx264", rate=fps)
-        stream.width, stream.height = frames.shape[2], frames.shape[1]
-        stream.pix_fmt = "yuv444p"
-        stream.options = {"crf": "0"}
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
+class VideoEncoder:
+    """Frames in, H.264 out, one frame at a time. yuv420p needs even sizes: odd ones are
+    padded by one edge pixel."""
+
+    def __init__(self, path: Path, size: tuple[int, int], fps: float, lossless: bool = False):
+        self.container = av.open(str(path), "w", format="mp4")
+        self.stream = self.container.add_stream("libx264", rate=max(1, round(fps)))
+        h, w = size
+        self.pad = (0, 0) if lossless else (h % 2, w % 2)
+        self.stream.height, self.stream.width = h + self.pad[0], w + self.pad[1]
+        self.stream.pix_fmt = "yuv444p" if lossless else "yuv420p"
+        self.stream.options = {"crf": "0" if lossless else "18"}
+
+    def add(self, rgb: np.ndarray) -> None:
+        if any(self.pad):
+            rgb = np.pad(rgb, ((0, self.pad[0]), (0, self.pad[1]), (0, 0)), mode="edge")
+        for packet in self.stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
+            self.container.mux(packet)
+
+    def close(self) -> None:
+        for packet in self.stream.encode():
+            self.container.mux(packet)
+        self.container.close()
+
+    def abort(self) -> None:
+        self.container.close()
 
 
 def save_masks(masks: np.ndarray, names: list[str], out_dir: str | Path) -> list[Path]:

@@ -17,13 +17,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tokenizers import Tokenizer
 from torch import nn
 from tqdm.auto import tqdm
 
 from virst.config import VirstConfig, preset
 from virst.errors import CheckpointError
+from virst.files import save_tensors
 from virst.media import Video, load_video
 from virst.preprocess import to_model_input
 from virst.prompt import (
@@ -125,7 +126,7 @@ class VirstModel(nn.Module):
         try:
             self.config.save(tmp / CONFIG)
             state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-            save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt", "virst": "1"})
+            save_tensors(state, tmp / WEIGHTS, metadata={"format": "pt", "virst": "1"})
             if self.tokenizer is not None:
                 self.tokenizer.save(str(tmp / TOKENIZER))
             out.mkdir(exist_ok=True)
@@ -134,14 +135,20 @@ class VirstModel(nn.Module):
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    @classmethod
-    def from_pretrained(cls, folder: str | Path, device: str | torch.device = "cpu") -> VirstModel:
+    @staticmethod
+    def check_folder(folder: str | Path) -> Path:
+        """A model folder with its files present (checked before any work starts)."""
         folder = Path(folder)
         if not folder.is_dir():
             raise CheckpointError(f"model folder {folder} does not exist")
         for name in (CONFIG, WEIGHTS):
             if not (folder / name).is_file():
                 raise CheckpointError(f"model folder {folder} has no {name}")
+        return folder
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, device: str | torch.device = "cpu") -> VirstModel:
+        folder = cls.check_folder(folder)
         cfg = VirstConfig.load(folder / CONFIG)
         tokenizer = load_tokenizer(folder) if (folder / TOKENIZER).is_file() else None
         try:
@@ -184,19 +191,19 @@ class VirstModel(nn.Module):
 
     @torch.inference_mode()
     def segment(self, video, expression: str, *, return_logits: bool = False,
-                seed: int | None = None, progress: bool = False, sam2_steps=None) -> np.ndarray:
+                seed: int | None = None, progress: bool = False) -> np.ndarray:
         """Masks (T, H, W) bool for every frame (logits float32 when `return_logits`).
 
         `video`: a frame folder, a video file, an (T, H, W, 3) array or a `Video`.
         `seed`: None for the deterministic frame choice, an int for the release's random one.
-        `sam2_steps`: where the SAM2 calls run (default: this model's modules).
+        This is the reference path (whole video in memory); `runtime/` is the fast one.
         """
         if self.tokenizer is None:
             raise CheckpointError("this model has no tokenizer: load one with from_pretrained")
         video = load_video(video)
         prompt = build_prompt(self.tokenizer, expression, self.config.num_seg_tokens)
         plan = plan_frames(len(video), self.config, seed)
-        sam2_steps = sam2_steps or TorchSam2Steps(self.sam2, self.config.memory_bf16_storage)
+        sam2_steps = TorchSam2Steps(self.sam2, self.config.memory_bf16_storage)
         frames = FrameEncoder(sam2_steps, video.frames, self.config, self.device, keep=plan.seg)
         prompts = self.frame_prompts(video, plan, prompt, frames)
         out = np.zeros((len(video), *video.size), np.float32 if return_logits else bool)

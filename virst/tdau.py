@@ -172,6 +172,16 @@ def no_prompt_tokens(sam: SAM2Base) -> torch.Tensor:
     return sparse
 
 
+def click_tokens(sam: SAM2Base, points, labels) -> torch.Tensor:
+    """Clicks (F, k, 2) x/y at model resolution and labels (F, k) (1 positive, 0 negative)
+    as SAM2's sparse prompt tokens (F, k + 1, C); the prompt encoder pads one point."""
+    device = sam.no_mem_embed.device
+    pts = torch.as_tensor(points, dtype=torch.float32, device=device)
+    lab = torch.as_tensor(labels, dtype=torch.int32, device=device)
+    sparse, _ = sam.sam_prompt_encoder(points=(pts, lab), boxes=None, masks=None)
+    return sparse
+
+
 def decode_masks(sam: SAM2Base, pix_feat: torch.Tensor, high_res: list[torch.Tensor],
                  sparse: torch.Tensor) -> HeadOutput:
     """SAM2's mask head, multimask, best of masks 1..3 by predicted IoU, occlusion handling.
@@ -190,11 +200,13 @@ def decode_masks(sam: SAM2Base, pix_feat: torch.Tensor, high_res: list[torch.Ten
     appearing = score > 0
     candidates = low.float()
     low = torch.where(appearing[:, None, None], candidates, NO_OBJ_SCORE)
-    rows = torch.arange(b, device=low.device)
-    best = ious.argmax(dim=-1)
-    low = low[rows, best].unsqueeze(1)
+    # upsample all three, then pick, as SAM2 does: bilinear kernels vectorise over channels,
+    # so picking first differs from SAM2 in the last bit at some thread counts
     high = F.interpolate(low, size=(sam.image_size, sam.image_size), mode="bilinear",
                          align_corners=False)
+    rows = torch.arange(b, device=low.device)
+    best = ious.argmax(dim=-1)
+    low, high = low[rows, best].unsqueeze(1), high[rows, best].unsqueeze(1)
     present = appearing.float()
     ptr = present * sam.obj_ptr_proj(tokens[rows, best]) + (1 - present) * sam.no_obj_ptr
     return HeadOutput(low, high, ptr, score, ious, candidates)
@@ -286,8 +298,8 @@ def track_frame(sam: SAM2Base, feats: FrameFeatures, plan: MemoryPlan,
 
 
 class TorchSam2Steps:
-    """The SAM2 calls propagation makes, on the reference modules. Other backends (ONNX
-    Runtime, TensorRT) implement the same four members over their own feature objects."""
+    """The SAM2 calls propagation makes, on the reference modules (`propagate` takes any
+    object with these members; the runtime's backends run fused steps instead)."""
 
     def __init__(self, sam: SAM2Base, bf16_storage: bool = True):
         self.sam, self.bf16_storage = sam, bf16_storage

@@ -12,10 +12,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from virst.data.rvos import RVOSDataset, open_dataset
 from virst.errors import InputError
+from virst.eval.prompting import expression_agreement
 from virst.eval.scoring import ExpressionScore, format_table, score_dataset, summarize, to_json
 from virst.media import save_masks
 
@@ -35,15 +37,26 @@ def _complete(folder: Path, frames) -> bool:
 
 
 def predict(dataset: RVOSDataset, model, pred_dir: Path, progress: bool = True) -> int:
-    """Write predictions for every expression that has none yet; returns how many ran."""
+    """Write predictions for every expression that has none yet; returns how many ran.
+    `model`: a `VirstModel` (one expression at a time) or a runtime `Runtime` (all the
+    expressions of a video in one pass)."""
     todo = [e for e in dataset.expressions
             if not _complete(pred_dir / e.video / e.exp_id, e.frames)]
-    cached = (None, None)
-    for expr in tqdm(todo, desc="predict", disable=not progress):
-        if cached[0] != expr.video:
-            cached = (expr.video, dataset.load_video(expr))
-        masks = model.segment(cached[1], expr.text)
-        save_masks(masks.astype("uint8"), list(expr.frames), pred_dir / expr.video / expr.exp_id)
+    by_video: dict[str, list] = {}
+    for expr in todo:
+        by_video.setdefault(expr.video, []).append(expr)
+    bar = tqdm(total=len(todo), desc="predict", disable=not progress)
+    for exprs in by_video.values():
+        video = dataset.load_video(exprs[0])
+        if hasattr(model, "session"):
+            masks = np.stack([f.masks for f in model.session(video).segment(
+                [e.text for e in exprs])], axis=1)
+        else:
+            masks = [model.segment(video, e.text) for e in exprs]
+        for expr, m in zip(exprs, masks):
+            save_masks(m.astype("uint8"), list(expr.frames), pred_dir / expr.video / expr.exp_id)
+            bar.update()
+    bar.close()
     return len(todo)
 
 
@@ -87,8 +100,9 @@ def evaluate(name: str, root, out, *, model=None, model_label: str = "", pred_di
     scores = [done[e.key] for e in dataset.expressions]
     table = summarize(name, scores)
     missing = {s.key: s.missing for s in scores if s.missing}
-    result = {"dataset": name, "split": split, "table": table, "missing_predictions": missing,
-              "expressions": to_json(scores)}
+    result = {"dataset": name, "split": split, "table": table,
+              "expression_agreement": expression_agreement(dataset, pred_dir),
+              "missing_predictions": missing, "expressions": to_json(scores)}
     tmp = out / "results.json.tmp"
     tmp.write_text(json.dumps(result, indent=2) + "\n")
     tmp.replace(out / "results.json")
@@ -98,6 +112,11 @@ def evaluate(name: str, root, out, *, model=None, model_label: str = "", pred_di
 def report(result: dict) -> str:
     lines = [f"{result['dataset']} ({result['split']})", format_table(result["dataset"],
                                                                     result["table"])]
+    agree = result.get("expression_agreement", {})
+    if agree.get("pairs"):
+        lines.append(f"agreement between the masks of different expressions of one clip: "
+                     f"{agree['agreement']:.2f} over {agree['pairs']} pairs (near 1: the "
+                     f"expression is ignored)")
     missing = result["missing_predictions"]
     if missing:
         frames = sum(len(v) for v in missing.values())

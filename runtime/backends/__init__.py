@@ -1,0 +1,1 @@
+"""Runtime backends: one protocol (base.py), one short file per backend."""

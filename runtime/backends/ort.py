@@ -1,0 +1,85 @@
+"""ONNX Runtime: the exported units, CPU or CUDA provider. The provider a session really got
+is checked: a CUDA request that ONNX Runtime silently serves on the CPU is an error."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from runtime.artifacts import Artifacts
+from runtime.backends.base import Features, StepOutput, TrackInputs
+from virst.errors import ConfigError
+
+NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
+         "tensor(bfloat16)": None}
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+class OrtBackend:
+    name = "onnxruntime"
+
+    def __init__(self, artifacts: Artifacts, device: torch.device, threads: int = 1):
+        import onnxruntime as ort
+
+        if device.type not in PROVIDERS:
+            raise ConfigError(f"ONNX Runtime runs on cpu or cuda, not {device}")
+        provider = PROVIDERS[device.type]
+        if provider not in ort.get_available_providers():
+            raise ConfigError(f"this onnxruntime has no {provider} (it has "
+                              f"{', '.join(ort.get_available_providers())}); install "
+                              f"onnxruntime-gpu for CUDA")
+        if device.type == "cpu" and artifacts.precision == "bf16":
+            raise ConfigError(f"{artifacts.folder} holds bf16 graphs; ONNX Runtime's CPU "
+                              f"provider has no bf16 kernels: build fp32 or fp16 artifacts "
+                              f"(python -m export.build --precision fp32) or run on a GPU")
+        self.config, self.device = artifacts.config, device
+        self.constants, self.artifacts = artifacts.constants(), artifacts
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        self.sessions = {}
+        for unit in ("image_encoder", "anchor_step", "track_step", "seg_prompter", "vision"):
+            path = artifacts.onnx_file(unit)
+            sess = ort.InferenceSession(str(path), opts, providers=[provider])
+            got = sess.get_providers()
+            if got[0] != provider:
+                raise ConfigError(f"ONNX Runtime serves {unit} on {got[0]}, not {provider} "
+                                  f"as asked (a silent fallback is refused)")
+            self.sessions[unit] = sess
+        self.provider = provider
+
+    def _run(self, unit: str, *args: torch.Tensor) -> list[torch.Tensor]:
+        sess = self.sessions[unit]
+        feeds = {}
+        for spec, x in zip(sess.get_inputs(), args):
+            arr = x.detach().to("cpu", torch.float32).numpy()
+            feeds[spec.name] = arr.astype(NUMPY[spec.type], copy=False)
+        outs = sess.run(None, feeds)
+        return [torch.from_numpy(o).float().to(self.device) for o in outs]
+
+    def encode(self, pixels: torch.Tensor) -> Features:
+        return Features(*self._run("image_encoder", pixels))
+
+    def anchor(self, feats: Features, prompt: torch.Tensor) -> StepOutput:
+        return StepOutput(*self._run("anchor_step", *feats.as_tuple(), prompt))
+
+    def track(self, feats: Features, memory: TrackInputs) -> StepOutput:
+        m = memory
+        return StepOutput(*self._run("track_step", *feats.as_tuple(), m.memory, m.memory_tpos,
+                                     m.memory_valid, m.pointers, m.pointer_pos,
+                                     m.pointer_valid))
+
+    def vision(self, clips: torch.Tensor) -> torch.Tensor:
+        return self._run("vision", clips)[0]
+
+    def seg_prompter(self, seg_hidden: torch.Tensor, seg_features: torch.Tensor) -> torch.Tensor:
+        return self._run("seg_prompter", seg_hidden, seg_features)[0]
+
+    def describe(self) -> str:
+        import onnxruntime as ort
+
+        return (f"onnxruntime {ort.__version__} {self.provider}, {self.artifacts.precision} "
+                f"artifacts in {Path(self.artifacts.folder)}")

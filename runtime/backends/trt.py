@@ -1,0 +1,103 @@
+"""TensorRT: engines that `python -m export.build` built from the ONNX units (manifest
+entries "trt:<unit>"), run through TensorRT's Python runtime on torch CUDA tensors.
+The `trt` module is passed in so that the plumbing can be tested against a fake where
+TensorRT cannot be installed."""
+
+from __future__ import annotations
+
+import torch
+
+from runtime.artifacts import Artifacts
+from runtime.backends.base import Features, StepOutput, TrackInputs
+from virst.errors import CheckpointError, ConfigError
+
+UNITS = ("image_encoder", "anchor_step", "track_step", "seg_prompter", "vision")
+
+
+def _torch_dtype(trt, dtype) -> torch.dtype:
+    table = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16,
+             trt.DataType.BF16: torch.bfloat16, trt.DataType.INT32: torch.int32,
+             trt.DataType.INT64: torch.int64, trt.DataType.BOOL: torch.bool}
+    return table[dtype]
+
+
+class EngineRunner:
+    """One engine: inputs bound by address, outputs allocated at the shapes the engine
+    infers from the inputs, one `execute_async_v3` on the current stream."""
+
+    def __init__(self, trt, path, device: torch.device):
+        self.trt, self.device = trt, device
+        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self.engine = runtime.deserialize_cuda_engine(path.read_bytes())
+        if self.engine is None:
+            raise CheckpointError(f"TensorRT cannot load {path} (built by another TensorRT "
+                                  f"version or for another GPU?): rebuild the engines")
+        self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        mode = trt.TensorIOMode.INPUT
+        self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == mode]
+        self.outputs = [n for n in names if self.engine.get_tensor_mode(n) != mode]
+
+    def __call__(self, *args: torch.Tensor) -> list[torch.Tensor]:
+        keep = []
+        for name, x in zip(self.inputs, args):
+            x = x.to(self.device, _torch_dtype(self.trt, self.engine.get_tensor_dtype(name)))
+            x = x.contiguous()
+            keep.append(x)
+            self.context.set_input_shape(name, tuple(x.shape))
+            self.context.set_tensor_address(name, x.data_ptr())
+        outs = []
+        for name in self.outputs:
+            shape = tuple(self.context.get_tensor_shape(name))
+            dtype = _torch_dtype(self.trt, self.engine.get_tensor_dtype(name))
+            out = torch.empty(shape, dtype=dtype, device=self.device)
+            self.context.set_tensor_address(name, out.data_ptr())
+            outs.append(out)
+        stream = torch.cuda.current_stream().cuda_stream if self.device.type == "cuda" else 0
+        if not self.context.execute_async_v3(stream):
+            raise RuntimeError("TensorRT execution failed")
+        return [o.float() for o in outs]
+
+
+class TensorRTBackend:
+    name = "tensorrt"
+
+    def __init__(self, artifacts: Artifacts, device: torch.device, trt=None):
+        if trt is None:
+            from export.tensorrt import tensorrt_status
+
+            trt, reason = tensorrt_status()
+            if trt is None:
+                raise ConfigError(f"the tensorrt backend is not available: {reason}")
+        self.config, self.device, self.artifacts = artifacts.config, device, artifacts
+        self.constants = {k: v.to(device) for k, v in artifacts.constants().items()}
+        self.runners = {}
+        for unit in UNITS:
+            files = artifacts.manifest["artifacts"].get(f"trt:{unit}", {}).get("files")
+            if not files:
+                raise CheckpointError(f"{artifacts.folder} has no TensorRT engine for {unit}: "
+                                      f"build the artifacts on this GPU with TensorRT installed")
+            self.runners[unit] = EngineRunner(trt, artifacts.folder / next(iter(files)), device)
+        self.trt_version = trt.__version__
+
+    def encode(self, pixels: torch.Tensor) -> Features:
+        return Features(*self.runners["image_encoder"](pixels))
+
+    def anchor(self, feats: Features, prompt: torch.Tensor) -> StepOutput:
+        return StepOutput(*self.runners["anchor_step"](*feats.as_tuple(), prompt))
+
+    def track(self, feats: Features, memory: TrackInputs) -> StepOutput:
+        m = memory
+        return StepOutput(*self.runners["track_step"](
+            *feats.as_tuple(), m.memory, m.memory_tpos, m.memory_valid, m.pointers,
+            m.pointer_pos, m.pointer_valid))
+
+    def vision(self, clips: torch.Tensor) -> torch.Tensor:
+        return self.runners["vision"](clips)[0]
+
+    def seg_prompter(self, seg_hidden: torch.Tensor, seg_features: torch.Tensor) -> torch.Tensor:
+        return self.runners["seg_prompter"](seg_hidden, seg_features)[0]
+
+    def describe(self) -> str:
+        return (f"TensorRT {self.trt_version} on {self.device}, {self.artifacts.precision} "
+                f"engines in {self.artifacts.folder}")

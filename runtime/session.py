@@ -1,0 +1,174 @@
+"""A `Session` per video: one pass for any number of expressions.
+
+    pass 1   the sampled frames only -> UMT video tokens, SAM2 features of the T_seg
+             segmentation frames (both cached for every later request on this video)
+    prompts  per expression: one batched LM prefill, the SegPrompter -> a prompt per frame
+    anchors  every anchor of every expression in one batched step
+    pass 2   frames decoded and encoded in batches ahead (background thread) of the
+             sequential memory loop, the objects of all expressions as the batch; masks
+             upsampled in batches and handed out frame by frame
+
+Memory does not grow with the video: the bank has fixed-size buffers, frames pass through
+a bounded queue, masks leave as soon as they are known.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from runtime.backends.base import Features, StepOutput
+from runtime.memory import MemoryBank
+from runtime.threads import Timers, background
+from runtime.video import VideoSource, open_video
+from runtime.writer import FrameMasks
+from virst.preprocess import to_model_input
+from virst.sampling import plan_frames
+
+UPSAMPLE_BATCH = 8  # frames whose masks are upsampled in one call
+
+
+class Session:
+    def __init__(self, runtime, video, seed: int | None = None, allow_truncated: bool = False):
+        self.rt = runtime
+        self.source: VideoSource = open_video(video, allow_truncated)
+        self.source.decode_threads = 1
+        self.plan = plan_frames(self.source.length, runtime.config, seed)
+        self.timers = Timers()
+        self._seg_position = {f: p for p, f in enumerate(self.plan.seg)}
+        self._video_tokens: torch.Tensor | None = None
+        self._seg: Features | None = None
+        self.cache_hits = 0
+
+    @property
+    def length(self) -> int:
+        return self.source.length
+
+    # -------------------------------------------------------------- cached pass 1
+    def _first_pass(self) -> None:
+        if self._seg is not None:
+            self.cache_hits += 1
+            return
+        rt, cfg, plan = self.rt, self.rt.config, self.plan
+        with self.timers("decode"):
+            frames = self.source.read(set(plan.vlm) | set(plan.seg))
+        with self.timers("vlm"), torch.inference_mode():
+            pixels = to_model_input(np.stack([frames[f] for f in plan.vlm]),
+                                    cfg.vlm_image_size, cfg.vlm_resize, rt.device, rt.dtype)
+            clips = pixels.view(-1, cfg.clip_frames, *pixels.shape[1:])
+            self._video_tokens = rt.backend.vision(clips)
+        with self.timers("image encoder"), torch.inference_mode():
+            self._seg = rt.encode([frames[f] for f in plan.seg])
+
+    def video_tokens(self) -> torch.Tensor:
+        self._first_pass()
+        return self._video_tokens
+
+    def seg_features(self) -> Features:
+        self._first_pass()
+        return self._seg
+
+    # ------------------------------------------------------------------ prompts
+    @torch.inference_mode()
+    def prompts(self, expressions: list[str]) -> torch.Tensor:
+        """(E, N, T_seg, C): each expression's prompt tokens for every segmentation frame."""
+        rt = self.rt
+        prompts = [rt.build_prompt(e) for e in expressions]
+        seg = self.seg_features().level2[None]  # (1, T, C, h, w)
+        with self.timers("vlm"):
+            hidden = rt.lm.seg_hidden(prompts, self.video_tokens(), seg)
+        with self.timers("stf"):
+            return torch.cat([rt.backend.seg_prompter(hidden[e : e + 1].to(rt.dtype), seg)
+                              for e in range(len(expressions))])
+
+    def _anchors(self, prompts: torch.Tensor) -> dict[int, StepOutput]:
+        """Every anchor of every expression in one batched step: frame -> (E, ...)."""
+        e = prompts.shape[0]
+        frames = sorted(self.plan.anchor_frames)
+        positions = [self.plan.anchor_frames[f] for f in frames]
+        feats = Features.cat([self._seg.take([p]).repeat(e) for p in positions])
+        tokens = torch.cat([prompts[:, :, p] for p in positions])  # (K * E, N, C)
+        with self.timers("anchors"), torch.inference_mode():
+            out = self.rt.backend.anchor(feats, tokens)
+        return {f: out.take(slice(i * e, (i + 1) * e)) for i, f in enumerate(frames)}
+
+    # ------------------------------------------------------------------- pass 2
+    def _encoded(self, keep_frames: bool) -> Iterator[tuple[int, np.ndarray | None, Features]]:
+        """Every frame in order with its features: segmentation frames from the cache,
+        the others encoded `encode_batch` at a time."""
+        pending, batch = [], []
+
+        def flush():
+            feats = None
+            if batch:
+                with self.timers("image encoder"):
+                    feats = self.rt.encode([f for _, f in batch])
+            row = {t: i for i, (t, _) in enumerate(batch)}
+            for t, frame in pending:
+                cached = self._seg_position.get(t)
+                one = self._seg.take([cached]) if cached is not None else feats.take([row[t]])
+                yield t, frame if keep_frames else None, one
+            pending.clear()
+            batch.clear()
+
+        for t, frame in self._timed(self.source.frames(), "decode"):
+            pending.append((t, frame))
+            if t not in self._seg_position:
+                batch.append((t, frame))
+            if len(batch) == self.rt.encode_batch:
+                yield from flush()
+        yield from flush()
+
+    def _timed(self, items: Iterator, stage: str) -> Iterator:
+        items = iter(items)
+        while True:
+            with self.timers(stage):
+                item = next(items, None)
+            if item is None:
+                return
+            yield item
+
+    def segment(self, expressions: list[str], keep_frames: bool = False
+                ) -> Iterator[FrameMasks]:
+        """Masks of every expression for every frame, in order, as soon as they are known."""
+        rt = self.rt
+        prompts = self.prompts(expressions)
+        e = len(expressions)
+        anchors = self._anchors(prompts)
+        bank = MemoryBank(rt.config, rt.backend.constants, sorted(anchors), self.length, e,
+                          rt.device, rt.dtype)
+        for frame, out in anchors.items():
+            bank.write_anchor(frame, out)
+        stream = self._encoded(keep_frames)
+        if rt.threads.encoder_thread:
+            stream = background(stream, maxsize=2, name="virst-encoder")
+        done = []
+        with torch.inference_mode():
+            for t, frame, feats in stream:
+                with self.timers("propagation"):
+                    out = anchors.get(t)
+                    if out is None:
+                        out = rt.backend.track(feats.repeat(e), bank.inputs(t))
+                    bank.write_frame(t, out)
+                done.append((t, frame, out.logits, out.score))
+                if len(done) == UPSAMPLE_BATCH:
+                    yield from self._masks(done)
+                    done = []
+            yield from self._masks(done)
+
+    def _masks(self, done: list) -> Iterator[FrameMasks]:
+        """Low-res logits of several frames upsampled to the video size in one call."""
+        if not done:
+            return
+        with self.timers("mask upsampling"):
+            logits = torch.cat([d[2] for d in done]).float()  # (n * E, 1, h, w)
+            up = F.interpolate(logits, size=self.source.size, mode="bilinear",
+                               align_corners=False)
+            masks = (up[:, 0] > 0).view(len(done), -1, *self.source.size).cpu().numpy()
+            scores = torch.cat([d[3] for d in done]).float().sigmoid().view(len(done), -1)
+            scores = scores.cpu().numpy()
+        for i, (t, frame, _, _) in enumerate(done):
+            yield FrameMasks(t, self.source.names[t], masks[i], scores[i], frame)

@@ -1,0 +1,130 @@
+"""Threads on purpose: how many compute threads a run uses, and a background stage.
+
+On a few shared cores torch's default intra-op threading oversubscribes them (the same run
+swung between 0.6 and 3.6 FPS on 2 cores, one thread gave 22-24 FPS). So the runtime
+splits the cores it is given between pipeline stages itself:
+
+    1 core      everything in the calling thread, one compute thread
+    2-3 cores   a background thread decodes and runs the image encoder ahead of the frame
+                loop (the calling thread: memory loop and mask writing); 1 intra-op thread
+    4+ cores    decoding and mask writing get threads of their own too, and the two compute
+                threads share the rest as intra-op threads
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class ThreadPlan:
+    cores: int
+    intra_op: int  # torch / ONNX Runtime threads per compute thread
+    encoder_thread: bool  # image encoder (and decoding) ahead of the frame loop
+    decode_thread: bool  # decoding in a thread of its own
+    writer_thread: bool  # mask writing in a thread of its own
+
+    @classmethod
+    def for_cores(cls, cores: int | None = None) -> ThreadPlan:
+        cores = max(1, cores or available_cores())
+        if cores == 1:
+            return cls(1, 1, False, False, False)
+        if cores < 4:
+            return cls(cores, 1, True, False, False)
+        return cls(cores, max(1, (cores - 2) // 2), True, True, True)
+
+    def apply(self) -> None:
+        torch.set_num_threads(self.intra_op)
+
+    def describe(self) -> str:
+        parts = ["frame loop"] + (["encoder" + ("" if self.decode_thread else " + decode")]
+                                  if self.encoder_thread else [])
+        parts += (["decode"] if self.decode_thread else []) + (
+            ["writer"] if self.writer_thread else [])
+        return (f"{self.cores} cores: threads {', '.join(parts)}; "
+                f"{self.intra_op} intra-op thread(s) each")
+
+
+class Timers:
+    """Seconds spent per stage, summed over threads (stages overlap in time)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = defaultdict(float)
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def __call__(self, stage: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.seconds[stage] += time.perf_counter() - start
+
+    def add(self, stage: str, seconds: float) -> None:
+        with self._lock:
+            self.seconds[stage] += seconds
+
+
+_END = object()
+
+
+class _Failure:
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+def background(items: Iterator, maxsize: int = 2, name: str = "virst-stage") -> Iterator:
+    """Run the iterator `items` in a thread, `maxsize` results ahead of the consumer. An
+    exception there is raised here; leaving early stops the thread."""
+    q: queue.Queue = queue.Queue(maxsize)
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def run():
+        try:
+            with torch.inference_mode():
+                for item in items:
+                    if not put(item):
+                        return
+            put(_END)
+        except BaseException as err:  # handed to the consumer, which raises it
+            put(_Failure(err))
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is _END:
+                return
+            if isinstance(item, _Failure):
+                raise item.error
+            yield item
+    finally:
+        stop.set()
+        thread.join()

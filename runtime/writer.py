@@ -1,0 +1,206 @@
+"""Writing masks as they come: a PNG folder, COCO RLE (pycocotools) as JSON, an overlay
+video. Every output is staged on its own filesystem (a hidden folder inside the output
+folder, a hidden file beside each output file) and moved into place only when the whole
+video is done; an error removes the staging and leaves the outputs as they were.
+
+Checked before any work (`MaskWriter.__init__`): the output folder is not a file, is
+writable, and is empty unless `overwrite` (which then replaces its masks whole).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from pycocotools import mask as coco_mask
+
+from virst.errors import InputError
+from virst.files import public_mode
+from virst.media import DAVIS_PALETTE, VideoEncoder
+
+COLORS = [(255, 40, 40), (40, 200, 255), (60, 220, 60), (255, 200, 0), (220, 80, 255)]
+
+
+@dataclass
+class FrameMasks:
+    """One frame's result: masks (E, H, W) bool and object scores (E,) in [0, 1]."""
+
+    index: int
+    name: str
+    masks: np.ndarray
+    scores: np.ndarray
+    frame: np.ndarray | None = None  # (H, W, 3) RGB, kept only when an overlay is written
+
+
+def rle(mask: np.ndarray) -> dict:
+    """COCO run-length encoding of an (H, W) mask, counts as a string (JSON-ready)."""
+    enc = coco_mask.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": [int(s) for s in enc["size"]], "counts": enc["counts"].decode("ascii")}
+
+
+def frame_record(fm: FrameMasks) -> dict:
+    """The per-frame record of `--rle` files and the server's stream."""
+    return {"frame": fm.index, "name": fm.name,
+            "masks": [{"expression": i, "rle": rle(m), "score": round(float(s), 4)}
+                      for i, (m, s) in enumerate(zip(fm.masks, fm.scores))]}
+
+
+def _writable_dir(folder: Path, what: str) -> None:
+    """Refuse a file, or a folder (or its nearest existing parent) we cannot create files in;
+    tried for real, since permission bits say nothing for root or on read-only mounts."""
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"{what} {folder} is a file, not a folder")
+    probe = folder
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise InputError(f"{what} {folder}: {probe} is a file, not a folder")
+    try:
+        Path(tempfile.mkdtemp(prefix=".virst-probe-", dir=probe)).rmdir()
+    except OSError as err:
+        raise InputError(f"{what} {folder} is not writable ({probe}: "
+                         f"{err.strerror or err})") from err
+
+
+def _is_mask_entry(path: Path) -> bool:
+    return (path.suffix == ".png" and path.is_file()) or (path.is_dir() and path.name.isdigit())
+
+
+class MaskWriter:
+    def __init__(self, expressions: list[str], size: tuple[int, int], *, folder=None,
+                 rle_path=None, overlay_path=None, fps: float = 10.0, overwrite: bool = False,
+                 label: str = ""):
+        self.expressions, self.size = list(expressions), size
+        self.folder = Path(folder) if folder else None
+        self.rle_path = Path(rle_path) if rle_path else None
+        self.overlay_path = Path(overlay_path) if overlay_path else None
+        self.overwrite, self.fps, self.label = overwrite, fps, label
+        self._check()
+        self._created, self._stage, self._files = [], None, []
+        self._rle_file = self._video = None
+        self.frames_written = 0
+
+    @property
+    def wants_frames(self) -> bool:
+        return self.overlay_path is not None
+
+    # ----------------------------------------------------------------- checks
+    def _check(self) -> None:
+        if not (self.folder or self.rle_path or self.overlay_path):
+            raise InputError("no output asked for: give a mask folder, --rle or --overlay")
+        if self.folder:
+            _writable_dir(self.folder, "output folder")
+            if self.folder.is_dir() and not self.overwrite:
+                entries = [p for p in self.folder.iterdir() if not p.name.startswith(".")]
+                if entries:
+                    raise InputError(f"output folder {self.folder} is not empty ({len(entries)} "
+                                     f"entries, e.g. {entries[0].name}); pass --overwrite to "
+                                     f"replace its masks")
+        for path in (self.rle_path, self.overlay_path):
+            if path is not None:
+                if path.is_dir():
+                    raise InputError(f"{path} is a folder; give a file name")
+                _writable_dir(path.parent, "folder of")
+
+    # ---------------------------------------------------------------- writing
+    def open(self) -> MaskWriter:
+        if self.folder:
+            if not self.folder.exists():
+                self.folder.mkdir(parents=True)
+                self._created.append(self.folder)
+            self._stage = Path(tempfile.mkdtemp(prefix=".partial-", dir=self.folder))
+            if len(self.expressions) > 1:
+                for i in range(len(self.expressions)):
+                    (self._stage / str(i)).mkdir()
+        if self.rle_path:
+            self._rle_tmp = self._partial(self.rle_path)
+            self._rle_file = open(self._rle_tmp, "w")
+            head = {"video": self.label, "expressions": self.expressions,
+                    "size": list(self.size)}
+            self._rle_file.write(json.dumps(head)[:-1] + ', "frames": [\n')
+        if self.overlay_path:
+            self._video_tmp = self._partial(self.overlay_path)
+            self._video = VideoEncoder(self._video_tmp, self.size, self.fps)
+        return self
+
+    @staticmethod
+    def _partial(path: Path) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.partial-", dir=path.parent)
+        os.close(fd)
+        return Path(name)
+
+    def write(self, fm: FrameMasks) -> None:
+        if self._stage is not None:
+            many = len(self.expressions) > 1
+            for i, mask in enumerate(fm.masks):
+                im = Image.fromarray(mask.astype(np.uint8), mode="P")
+                im.putpalette(DAVIS_PALETTE)
+                im.save(self._stage / (f"{i}/{fm.name}.png" if many else f"{fm.name}.png"))
+        if self._rle_file is not None:
+            sep = ",\n" if self.frames_written else ""
+            self._rle_file.write(sep + json.dumps(frame_record(fm)))
+        if self._video is not None:
+            self._video.add(overlay_frame(fm.frame, fm.masks))
+        self.frames_written += 1
+
+    def commit(self) -> None:
+        """Move every staged output into place (same filesystem: atomic renames)."""
+        if self._rle_file is not None:
+            self._rle_file.write("\n]}\n")
+            self._rle_file.close()
+            self._rle_file = None
+            public_mode(self._rle_tmp)
+            os.replace(self._rle_tmp, self.rle_path)
+        if self._video is not None:
+            self._video.close()
+            self._video = None
+            public_mode(self._video_tmp)
+            os.replace(self._video_tmp, self.overlay_path)
+        if self._stage is not None:
+            if self.overwrite:
+                for old in self.folder.iterdir():
+                    if old != self._stage and _is_mask_entry(old):
+                        shutil.rmtree(old) if old.is_dir() else old.unlink()
+            for entry in sorted(self._stage.iterdir()):
+                os.replace(entry, self.folder / entry.name)
+            self._stage.rmdir()
+            self._stage = None
+
+    def abort(self) -> None:
+        """Remove everything staged; folders this writer created go too."""
+        if self._rle_file is not None:
+            self._rle_file.close()
+            Path(self._rle_tmp).unlink(missing_ok=True)
+        if self._video is not None:
+            self._video.abort()
+            Path(self._video_tmp).unlink(missing_ok=True)
+        if self._stage is not None:
+            shutil.rmtree(self._stage, ignore_errors=True)
+        for folder in reversed(self._created):
+            shutil.rmtree(folder, ignore_errors=True)
+        self._rle_file = self._video = self._stage = None
+
+    def __enter__(self) -> MaskWriter:
+        return self.open()
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+
+
+def overlay_frame(frame: np.ndarray, masks: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """The frame with each expression's mask tinted in its own colour."""
+    out = frame.astype(np.float32)
+    for i, mask in enumerate(masks):
+        color = np.asarray(COLORS[i % len(COLORS)], np.float32)
+        out[mask] = (1 - alpha) * out[mask] + alpha * color
+    return out.round().astype(np.uint8)

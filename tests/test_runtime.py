@@ -1,0 +1,333 @@
+"""The runtime against the reference pipeline: the same masks on every backend that runs
+here (torch eager, ONNX Runtime; TensorRT through a fake, see below), several expressions
+in one pass equal to separate runs, the fixed-size memory bank equal to SAM2's selection,
+artifacts refused for another model or precision, and bad videos stopped with a clear
+error and no output."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from conftest import truncated_avi
+
+from runtime.backends.base import StepOutput
+from runtime.memory import MemoryBank
+from runtime.pipeline import Runtime
+from runtime.threads import ThreadPlan, background
+from runtime.writer import MaskWriter
+from virst.config import preset
+from virst.data.shapes import make_video
+from virst.errors import CheckpointError, ConfigError, VideoError
+from virst.eval.metrics import region_similarity
+from virst.model import VirstModel
+from virst.tdau import FrameOutput, gather_memory, select_memory
+
+
+@pytest.fixture(scope="module")
+def clip():
+    video = make_video("valid", 0)
+    return video.frames, [e[0] for e in video.expressions[:3]]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_dir, clip):
+    frames, texts = clip
+    model = VirstModel.from_pretrained(tiny_dir)
+    return [model.segment(frames, t) for t in texts]
+
+
+def _run(runtime, frames, texts):
+    session = runtime.session(frames)
+    return np.stack([f.masks for f in session.segment(texts)], axis=1)  # (E, T, H, W)
+
+
+@pytest.mark.parametrize("backend", ["eager", "onnxruntime"])
+def test_runtime_masks_equal_the_reference_pipeline(backend, tiny_dir, fp32, clip, reference):
+    """Per-frame IoU >= 0.99 against `VirstModel.segment` (measured: 1.0 on every frame)."""
+    frames, texts = clip
+    runtime = Runtime(tiny_dir, backend=backend, artifacts=fp32[0] if backend != "eager"
+                      else None, threads=2)
+    masks = _run(runtime, frames, texts[:1])[0]
+    assert 0 < reference[0].mean() < 1
+    iou = region_similarity(reference[0], masks)
+    assert iou.min() >= 0.99, iou
+
+
+def test_several_expressions_in_one_pass_equal_separate_runs(tiny_dir, clip, reference):
+    frames, texts = clip
+    runtime = Runtime(tiny_dir, backend="eager", threads=1)
+    together = _run(runtime, frames, texts)
+    for e, text in enumerate(texts):
+        alone = _run(runtime, frames, [text])[0]
+        assert region_similarity(alone, together[e]).min() >= 0.999
+        assert region_similarity(reference[e], together[e]).min() >= 0.99
+    session = runtime.session(frames)
+    list(session.segment(texts[:1]))
+    list(session.segment(texts[1:]))
+    assert session.cache_hits >= 1  # the second request reused the video's features
+
+
+def test_memory_bank_gathers_what_sam2_selects():
+    """The fixed-size bank's padded inputs hold exactly the memories, encodings and
+    pointers of the reference selection (`gather_memory`), for every frame."""
+    cfg = preset("tiny")
+    sam = VirstModel.from_preset("tiny").sam2
+    frames, anchors = 30, [0, 9, 17, 29]
+    g = torch.Generator().manual_seed(0)
+    hw, c = cfg.sam_feat_size**2, cfg.sam_dim
+
+    def output():
+        return StepOutput(torch.zeros(1, 1, 4, 4), torch.zeros(1, 3), torch.ones(1, 1),
+                          torch.randn(1, c, generator=g),
+                          torch.randn(1, cfg.mem_dim, cfg.sam_feat_size, cfg.sam_feat_size,
+                                      generator=g).to(torch.bfloat16).float())
+
+    consts = {"maskmem_tpos_enc": sam.maskmem_tpos_enc.detach(),
+              "obj_ptr_tpos_proj.weight": sam.obj_ptr_tpos_proj.weight.detach(),
+              "obj_ptr_tpos_proj.bias": sam.obj_ptr_tpos_proj.bias.detach()}
+    bank = MemoryBank(cfg, consts, anchors, frames, 1, torch.device("cpu"))
+    outs = {t: output() for t in range(frames)}
+    ref_bank = {}
+    pos = sam.memory_encoder.position_encoding(torch.zeros(1, cfg.mem_dim, 16, 16))
+    for a in anchors:
+        bank.write_anchor(a, outs[a])
+    for t in range(frames):
+        ref_bank[t] = FrameOutput(outs[t].maskmem, pos, outs[t].ptr, None, None)
+        if t in anchors:
+            bank.write_frame(t, outs[t])
+            continue
+        for a in anchors:
+            ref_bank[a] = FrameOutput(outs[a].maskmem, pos, outs[a].ptr, None, None)
+        plan = select_memory(t, anchors, frames, max_anchors=cfg.max_anchors_in_attn)
+        memory, memory_pos, n_ptr = gather_memory(sam, plan, ref_bank, frames, torch.float32)
+        got = bank.inputs(t)
+        s = int(got.memory_valid.sum())
+        assert torch.equal(got.memory[0, :s].reshape(-1, cfg.mem_dim),
+                           memory[: s * hw, 0])
+        spatial_pos = (pos.flatten(2).transpose(1, 2)[0][None] + got.memory_tpos[0, :s, None])
+        assert torch.allclose(spatial_pos.reshape(-1, cfg.mem_dim), memory_pos[: s * hw, 0])
+        p = int(got.pointer_valid.sum())
+        assert p * (c // cfg.mem_dim) == n_ptr
+        assert torch.equal(got.pointers[0, :p].reshape(-1, cfg.mem_dim), memory[s * hw:, 0])
+        ptr_pos = got.pointer_pos[0, :p].repeat_interleave(c // cfg.mem_dim, dim=0)
+        assert torch.allclose(ptr_pos, memory_pos[s * hw:, 0], atol=1e-6)
+        bank.write_frame(t, outs[t])
+
+
+def test_artifacts_for_another_model_or_precision_are_refused(tiny_dir, fp32, tmp_path):
+    out = fp32[0]
+    with pytest.raises(CheckpointError, match="holds fp32 artifacts, not bf16"):
+        Runtime(tiny_dir, backend="onnxruntime", artifacts=out, precision="bf16")
+    other = tmp_path / "other"
+    VirstModel.from_preset("tiny", seed=1).save_pretrained(other)
+    with pytest.raises(CheckpointError, match="built from another model"):
+        Runtime(other, backend="onnxruntime", artifacts=out)
+    for bad, match in [("foo", "unknown backend"), ("fp8", "unknown precision")]:
+        with pytest.raises(ConfigError, match=match):
+            Runtime(tiny_dir, backend=bad if match == "unknown backend" else "eager",
+                    precision=bad if match != "unknown backend" else "fp32")
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    del manifest["artifacts"]["track_step"]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="no 'track_step' unit"):
+        Runtime(tiny_dir, backend="onnxruntime", artifacts=copy)
+
+
+def _frame_folder(folder, frames):
+    from PIL import Image
+
+    folder.mkdir()
+    for i, f in enumerate(frames):
+        Image.fromarray(f).save(folder / f"{i:05d}.png")
+
+
+def _segment_to(runtime, video, out):
+    session = runtime.session(video)
+    with MaskWriter(["the red circle"], session.source.size, folder=out, rle_path=out.parent
+                    / "masks.json") as writer:
+        for frame in session.segment(["the red circle"]):
+            writer.write(frame)
+
+
+def test_bad_frames_stop_with_a_clear_error_and_no_output(tiny_dir, clip, tmp_path,
+                                                          monkeypatch):
+    runtime = Runtime(tiny_dir, backend="eager", threads=2)  # decoding on the background thread
+    frames = clip[0][:12]
+    folder = tmp_path / "frames"
+    _frame_folder(folder, frames)
+    (folder / "00007.png").write_bytes(b"not a png")  # a corrupt frame in the middle
+    out = tmp_path / "masks"
+    with pytest.raises(VideoError, match="00007.png"):
+        _segment_to(runtime, folder, out)
+    assert not out.exists() and not (tmp_path / "masks.json").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["frames"]
+
+    from runtime import video as video_mod
+
+    def failing(self):  # a decode error on the background thread, half-way
+        for t, frame in enumerate(frames):
+            if t == 6:
+                raise VideoError("decoding failed at frame 6 of 12: Invalid data")
+            yield t, frame
+
+    monkeypatch.setattr(video_mod.VideoSource, "frames", failing)
+    with pytest.raises(VideoError, match="frame 6 of 12"):
+        _segment_to(runtime, frames, out)
+    assert not out.exists() and not (tmp_path / "masks.json").exists()
+
+
+def test_a_video_that_ends_early_is_refused(tiny_dir, tmp_path):
+    """A file cut short (its container declares more frames than it holds) is refused before
+    any work; with allow_truncated it is segmented as far as it goes, announced loudly."""
+    path = truncated_avi(tmp_path, frames=40, keep=0.3)
+    runtime = Runtime(tiny_dir, backend="eager", threads=1)
+    with pytest.raises(VideoError, match="cut short: its container declares 40 frames"):
+        runtime.session(path)
+    session = runtime.session(path, allow_truncated=True)
+    assert 0 < session.length < 40
+    assert len(list(session.segment(["the red circle"]))) == session.length
+
+
+def test_background_stage_passes_errors_and_stops_early():
+    def items():
+        yield 1
+        raise ValueError("boom")
+
+    with pytest.raises(ValueError, match="boom"):
+        list(background(items()))
+    stream = background(iter(range(1000)), maxsize=2)
+    assert next(stream) == 0
+    stream.close()  # the producer thread ends instead of blocking on a full queue
+    assert ThreadPlan.for_cores(1).encoder_thread is False
+    assert ThreadPlan.for_cores(2) == ThreadPlan(2, 1, True, False, False)
+    plan = ThreadPlan.for_cores(8)
+    assert plan.decode_thread and plan.writer_thread and plan.intra_op == 3
+
+
+class FakeTensorRT:
+    """A stand-in for the `tensorrt` module (it cannot be installed on these machines: its
+    wheels download from a host we cannot reach). Its "engines" run the eager backend's
+    units, reading inputs from and writing outputs to the addresses the runtime binds, so
+    the plumbing (names, shapes, dtypes, addresses, output order) is exercised for real."""
+
+    __version__ = "10.8.0"
+
+    class DataType:
+        FLOAT, HALF, BF16, INT32, INT64, BOOL = range(6)
+
+    class TensorIOMode:
+        INPUT, OUTPUT = 0, 1
+
+    class Logger:
+        WARNING = 2
+
+        def __init__(self, level):
+            pass
+
+    def __init__(self, units: dict):
+        self.units = units
+        fake = self
+
+        class Runtime:
+            def __init__(self, logger):
+                pass
+
+            def deserialize_cuda_engine(self, blob):
+                return FakeEngine(fake, blob.decode())
+
+        self.Runtime = Runtime
+
+
+class FakeEngine:
+    def __init__(self, trt, unit):
+        import inspect
+
+        self.trt, self.module = trt, trt.units[unit]
+        self.inputs = list(inspect.signature(self.module.forward).parameters)
+        self.outputs = [f"out{i}" for i in range(5 if unit.endswith("_step") else
+                                                 3 if unit == "image_encoder" else 1)]
+        self.num_io_tensors = len(self.inputs) + len(self.outputs)
+
+    def get_tensor_name(self, i):
+        return (self.inputs + self.outputs)[i]
+
+    def get_tensor_mode(self, name):
+        return self.trt.TensorIOMode.INPUT if name in self.inputs else 1
+
+    def get_tensor_dtype(self, name):
+        return self.trt.DataType.FLOAT
+
+    def create_execution_context(self):
+        return FakeContext(self)
+
+
+class FakeContext:
+    def __init__(self, engine):
+        self.engine, self.shapes, self.addresses, self.results = engine, {}, {}, None
+
+    def set_input_shape(self, name, shape):
+        self.shapes[name] = shape
+        self.results = None
+
+    def set_tensor_address(self, name, address):
+        self.addresses[name] = address
+
+    @staticmethod
+    def _view(address, shape):
+        import ctypes
+
+        n = int(np.prod(shape))
+        buf = (ctypes.c_float * n).from_address(address)
+        return torch.frombuffer(buf, dtype=torch.float32, count=n).view(shape)
+
+    def _compute(self):
+        if self.results is None:
+            args = [self._view(self.addresses[n], self.shapes[n]) for n in self.engine.inputs]
+            with torch.inference_mode():
+                out = self.engine.module(*args)
+            self.results = list(out) if isinstance(out, tuple) else [out]
+        return self.results
+
+    def get_tensor_shape(self, name):
+        return tuple(self._compute()[self.engine.outputs.index(name)].shape)
+
+    def execute_async_v3(self, stream):
+        for name, value in zip(self.engine.outputs, self._compute()):
+            self._view(self.addresses[name], tuple(value.shape)).copy_(value)
+        return True
+
+
+def test_tensorrt_backend_runs_engines_from_the_manifest(tiny_dir, fp32, clip, reference,
+                                                         tmp_path):
+    """The TensorRT backend, against `FakeTensorRT` (see its docstring): engines found
+    through the manifest's "trt:<unit>" entries, results equal to the reference masks;
+    a folder without engines is refused by name."""
+    from export.manifest import sha256_file, write
+    from runtime.artifacts import Artifacts
+    from runtime.backends.eager import EagerBackend
+    from runtime.backends.trt import TensorRTBackend
+
+    folder = tmp_path / "artifacts"
+    shutil.copytree(fp32[0], folder)
+    with pytest.raises(CheckpointError, match="no TensorRT engine for image_encoder"):
+        TensorRTBackend(Artifacts(folder), torch.device("cpu"), trt=FakeTensorRT({}))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    (folder / "tensorrt").mkdir()
+    for unit in ("image_encoder", "anchor_step", "track_step", "seg_prompter", "vision"):
+        engine = folder / "tensorrt" / f"{unit}.engine"
+        engine.write_bytes(unit.encode())
+        manifest["artifacts"][f"trt:{unit}"] = {
+            "files": {f"tensorrt/{unit}.engine": sha256_file(engine)}}
+    write(folder, manifest)
+    model = VirstModel.from_pretrained(tiny_dir)
+    units = EagerBackend(model, torch.device("cpu")).units
+    runtime = Runtime(tiny_dir, backend="eager", threads=1)
+    runtime.backend = TensorRTBackend(Artifacts(folder, "fp32", tiny_dir), torch.device("cpu"),
+                                      trt=FakeTensorRT(units))
+    frames, texts = clip
+    masks = _run(runtime, frames, texts[:1])[0]
+    assert region_similarity(reference[0], masks).min() >= 0.99

@@ -1,0 +1,196 @@
+"""`virst serve` for real: uvicorn on an ephemeral loopback port, httpx clients. Streamed
+masks equal `virst segment`'s, bad inputs get their status and leave the server working,
+a full queue answers 429 without losing accepted work, a client that leaves frees its
+slot, keys are checked, uploads outlive the server. Traffic is bounded and local only."""
+
+import contextlib
+import json
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+import uvicorn
+from conftest import truncated_avi
+
+from runtime.client import Client, decode_record, segment_to
+from runtime.pipeline import Runtime
+from runtime.serve import ServeConfig, create_app
+from virst.media import read_mask, write_video
+
+
+@contextlib.contextmanager
+def serving(runtime, config, warm=False):
+    server = uvicorn.Server(uvicorn.Config(create_app(runtime, config, warm=warm),
+                                           host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 60
+    while not server.started:
+        assert time.time() < deadline and thread.is_alive(), "server did not start"
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def runtime():
+    return Runtime(backend="eager", threads=2)
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory):
+    from virst.data.shapes import make_video
+
+    root = tmp_path_factory.mktemp("videos")
+    clip = make_video("valid", 5)
+    write_video(clip.frames, root / "clip.mp4", lossless=True)
+    long = np.concatenate([clip.frames] * 8)  # ~200 frames: a request that takes a while
+    write_video(long, root / "long.mp4")
+    (root / "notes.txt").write_text("not a video")
+    truncated_avi(root, frames=40, keep=0.3)
+    return root, [e[0] for e in clip.expressions]
+
+
+def test_streamed_masks_equal_virst_segment(runtime, videos, tmp_path):
+    root, texts = videos
+    config = ServeConfig(store=tmp_path / "store")
+    with serving(runtime, config, warm=True) as url:
+        assert httpx.get(f"{url}/readyz").json()["status"] == "ready"
+        summary = segment_to(url, root / "clip.mp4", texts[:2], folder=tmp_path / "served")
+        assert summary["frames"] > 0 and summary["fps"] > 0 and "propagation" in summary["stages"]
+        client = Client(url)
+        info = client.upload(root / "clip.mp4")
+        whole = httpx.post(f"{url}/v1/videos/{info['id']}/segment?stream=false",
+                           json={"expressions": texts[:1]}, timeout=120).json()
+        assert len(whole["frames"]) == info["frames"] and whole["summary"]["frames"] > 0
+        first = decode_record(whole["frames"][0]).masks[0]
+        metrics = httpx.get(f"{url}/metrics").text
+        assert "virst_cache_hits_total 1.0" in metrics  # the second request reused features
+        assert 'virst_stage_seconds_count{stage="propagation"}' in metrics
+    res = subprocess.run([sys.executable, "-m", "virst.cli", "segment", str(root / "clip.mp4"),
+                          *texts[:2], "-o", str(tmp_path / "cli")], capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    for e in range(2):
+        served = sorted((tmp_path / "served" / str(e)).glob("*.png"))
+        cli = sorted((tmp_path / "cli" / str(e)).glob("*.png"))
+        assert [p.name for p in served] == [p.name for p in cli] and served
+        assert all(np.array_equal(read_mask(a), read_mask(b)) for a, b in zip(served, cli))
+    assert np.array_equal(first, read_mask(tmp_path / "cli" / "0" / "00000.png"))
+
+
+def test_bad_inputs_get_their_status_and_the_server_keeps_working(runtime, videos, tmp_path):
+    root, texts = videos
+    config = ServeConfig(store=tmp_path / "store", media_root=root, max_upload_mb=0.5)
+    with serving(runtime, config) as url:
+        http = httpx.Client(base_url=url, timeout=120)
+
+        def upload(name, data=None):
+            content = data if data is not None else (root / name).read_bytes()
+            return http.post("/v1/videos", files={"file": (name, content)})
+
+        ok = http.post("/v1/videos", json={"path": "clip.mp4"})
+        assert ok.status_code == 200
+        vid = ok.json()["id"]
+        cases = [
+            (upload("notes.txt"), 415, "not a video"),
+            (upload("big.mp4", b"\0" * (1 << 20)), 413, "exceeds the limit"),
+            (upload("cut.avi"), 422, "cut short"),
+            (http.post("/v1/videos", json={"path": "../clip.mp4"}), 403, "outside the media"),
+            (http.post("/v1/videos", json={"path": "/etc/passwd"}), 403, "outside the media"),
+            (http.post(f"/v1/videos/{vid}/segment", json={"expressions": [" "]}), 422, "empty"),
+            (http.post(f"/v1/videos/{vid}/segment", json={"expressions": ["red " * 5000]}),
+             422, "too long"),
+            (http.post(f"/v1/videos/{vid}/segment", json={"expressions": []}), 422, "list"),
+            (http.post(f"/v1/videos/{vid}/segment", content=b"{nope"), 422, "not JSON"),
+            (http.post("/v1/videos/0123456789abcdef/segment", json={"expressions": ["x"]}),
+             404, "no video"),
+            (http.get("/v1/videos/nope"), 404, "no video"),
+        ]
+        for response, status, message in cases:
+            assert response.status_code == status, (status, response.text)
+            assert message in response.json()["error"], response.text
+        assert sorted(p.name for p in (tmp_path / "store").iterdir()) == [".incoming", vid]
+        assert not any((tmp_path / "store" / ".incoming").iterdir())  # nothing half-stored
+        good = http.post(f"/v1/videos/{vid}/segment?stream=false",
+                         json={"expressions": texts[:1]})
+        assert good.status_code == 200 and good.json()["summary"]["frames"] > 0
+        assert http.delete(f"/v1/videos/{vid}").status_code == 200
+        assert http.get(f"/v1/videos/{vid}").status_code == 404
+
+
+def test_full_queue_answers_429_and_loses_no_accepted_request(runtime, videos, tmp_path):
+    root, texts = videos
+    config = ServeConfig(store=tmp_path / "store", max_queue=1)
+    with serving(runtime, config) as url:
+        vid = Client(url).upload(root / "clip.mp4")["id"]
+        results = []
+
+        def request():
+            with httpx.Client(base_url=url, timeout=300) as http:
+                r = http.post(f"/v1/videos/{vid}/segment", json={"expressions": texts[:1]})
+                lines = [json.loads(x) for x in r.text.splitlines() if x.strip()]
+                results.append((r.status_code, r.headers.get("retry-after"), lines))
+
+        threads = [threading.Thread(target=request) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+    statuses = sorted(s for s, _, _ in results)
+    assert len(results) == 6 and 429 in statuses and 200 in statuses
+    for status, retry, lines in results:
+        if status == 429:
+            assert retry == "5"
+        else:  # every accepted request completed: all frames, then the summary
+            assert status == 200 and "summary" in lines[-1]
+            assert [x["frame"] for x in lines[:-1]] == list(range(len(lines) - 1))
+
+
+def test_a_client_that_leaves_frees_its_slot(runtime, videos, tmp_path):
+    root, texts = videos
+    config = ServeConfig(store=tmp_path / "store", max_queue=1)
+    with serving(runtime, config) as url:
+        client = Client(url)
+        long = client.upload(root / "long.mp4")
+        short = client.upload(root / "clip.mp4")
+        with httpx.Client(base_url=url, timeout=60) as http:
+            with http.stream("POST", f"/v1/videos/{long['id']}/segment",
+                             json={"expressions": texts[:1]}) as r:
+                lines = r.iter_lines()
+                assert json.loads(next(lines))["frame"] == 0
+            # the connection is closed after one of ~200 frames
+        start = time.time()
+        records = list(client.segment(short["id"], texts[:1]))
+        assert "summary" in records[-1] and time.time() - start < 60
+        metrics = httpx.get(f"{url}/metrics").text
+        assert 'virst_errors_total{kind="client_gone"} 1.0' in metrics
+        assert "virst_in_flight 0.0" in metrics
+
+
+def test_api_keys_are_required_and_uploads_survive_a_restart(runtime, videos, tmp_path):
+    root, texts = videos
+    keys = tmp_path / "keys"
+    keys.write_text("# one per line\nsecret-one\nsecret-two\n")
+    from runtime.serve import read_api_keys
+
+    config = ServeConfig(store=tmp_path / "store", api_keys=read_api_keys(keys))
+    with serving(runtime, config) as url:
+        assert httpx.get(f"{url}/v1/videos/x").status_code == 401
+        bad = httpx.get(f"{url}/v1/videos/x", headers={"Authorization": "Bearer nope"})
+        assert bad.status_code == 401 and "API key" in bad.json()["error"]
+        assert httpx.get(f"{url}/healthz").status_code == 200  # probes need no key
+        vid = Client(url, "secret-two").upload(root / "clip.mp4")["id"]
+    with serving(runtime, config) as url:  # a new server on the same store
+        client = Client(url, "secret-one")
+        info = client.http.get(f"/v1/videos/{vid}").json()
+        assert info["id"] == vid and info["frames"] > 0
+        assert "summary" in list(client.segment(vid, texts[:1]))[-1]
