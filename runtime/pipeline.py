@@ -62,6 +62,19 @@ def parse_device(name: str) -> torch.device:
     return device
 
 
+def check_prompt(tokenizer, cfg, expression: str) -> Prompt:
+    """The chat prompt, refused when empty or when it cannot fit the model's positions next
+    to the longest video the model sees."""
+    prompt = build_prompt(tokenizer, expression, cfg.num_seg_tokens)
+    video = cfg.max_vlm_frames * cfg.tokens_per_frame
+    length = len(prompt.before) + video + len(prompt.inference_after)
+    if length > cfg.llm_max_positions:
+        raise InputError(f"the expression is too long: {length - video} prompt tokens + "
+                         f"{video} video tokens exceed the model's {cfg.llm_max_positions} "
+                         f"positions")
+    return prompt
+
+
 class Runtime:
     def __init__(self, model=None, *, backend: str = "eager", device: str = "cpu",
                  precision: str = "fp32", artifacts: str | Path | None = None,
@@ -130,17 +143,7 @@ class Runtime:
 
     # ------------------------------------------------------------ expressions
     def build_prompt(self, expression: str) -> Prompt:
-        """The chat prompt, refused when empty or when it cannot fit the model's positions
-        next to the longest video the model sees."""
-        prompt = build_prompt(self.tokenizer, expression, self.config.num_seg_tokens)
-        cfg = self.config
-        video = cfg.max_vlm_frames * cfg.tokens_per_frame
-        length = len(prompt.before) + video + len(prompt.inference_after)
-        if length > cfg.llm_max_positions:
-            raise InputError(f"the expression is too long: {length - video} prompt tokens + "
-                             f"{video} video tokens exceed the model's "
-                             f"{cfg.llm_max_positions} positions")
-        return prompt
+        return check_prompt(self.tokenizer, self.config, expression)
 
     def unknown_words(self, expression: str) -> list[str]:
         """Words the tokenizer maps to its unknown token (they reach the model as [UNK])."""

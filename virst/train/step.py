@@ -105,9 +105,13 @@ def corrective_clicks(pred: torch.Tensor, targets: torch.Tensor,
     return points, labels
 
 
+MIN_PIXELS = 12  # an object this small (mostly hidden) in a frame gets no click there
+
+
 def _visible_object(targets: np.ndarray, seg: list[int], rng, min_frames: int = 1):
-    """A random object index visible in at least `min_frames` of the `seg` frames."""
-    counts = targets[:, seg].any(axis=(2, 3)).sum(axis=1)
+    """A random object index visible (MIN_PIXELS or more) in `min_frames` of the `seg`
+    frames."""
+    counts = (targets[:, seg].sum(axis=(2, 3)) >= MIN_PIXELS).sum(axis=1)
     ok = np.flatnonzero(counts >= min_frames)
     return int(rng.choice(ok)) if len(ok) else None
 
@@ -156,7 +160,7 @@ def _targets_at(masks: np.ndarray, seg: list[int], size: int, device) -> torch.T
 
 
 CLICK_MODES = ("clicks", "click_propagate")
-CLICK_FRAMES = 4  # frames of one video per click sample: batches mix several videos
+CLICK_FRAMES = 2  # frames of one video per click sample: batches mix several videos
 
 
 def forward_losses(model: VirstModel, sample: Sample, mode: str) -> dict[str, torch.Tensor]:

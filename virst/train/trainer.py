@@ -59,8 +59,10 @@ class TrainConfig:
     prompt_init: bool = False  # from scratch: decoder cross-attention k = q (sam2_model.py)
     # stage 0 trains the mask decoder on a frozen (random) image encoder first: trained
     # together from step 0, encoder and decoder settle on "mask every salient object"
-    decoder_first: int = 300
-    click_videos: int = 4  # stage 0: videos per step (4 frames each), like SAM2's batches
+    decoder_first: int = 500
+    # stage 0 click steps mix this many videos (CLICK_FRAMES frames each): within one
+    # video's frames the decoder settles on "its salient objects" and never escapes
+    click_videos: int = 8
     check_every: int = 100  # prompt-following check every n steps (stages with SAM2 heads)
     check_videos: int = 12  # shapes valid videos of that check (0: no checks)
     collapse_agreement: float = 0.9  # stop after stage 0 when clicks agree more than this
