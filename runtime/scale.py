@@ -30,6 +30,7 @@ from virst.errors import VirstError
 
 log = logging.getLogger("virst.serve")
 RETRIES = 3
+APP = "virst"
 
 
 @serve.deployment(max_ongoing_requests=1)
@@ -76,8 +77,15 @@ class RayWorker:
 
     def __init__(self, replicas: int, prompt_checker, describe: str):
         self.concurrency, self.build_prompt = replicas, prompt_checker
-        self.handle = None  # set in the ingress replica
-        self._describe = describe
+        self._handle, self._describe = None, describe
+
+    @property
+    def handle(self):
+        """The replicas' handle, looked up inside the ingress replica (a handle set before
+        the app is serialised to it would not be the one it uses)."""
+        if self._handle is None:
+            self._handle = serve.get_deployment_handle("SegmentReplica", app_name=APP)
+        return self._handle
 
     def describe(self) -> str:
         return self._describe
@@ -112,6 +120,7 @@ class RayWorker:
                     serve.exceptions.BackPressureError) as err:
                 log.warning(f"replica failed ({type(err).__name__}); retry {attempt + 1} of "
                             f"{RETRIES - 1} from frame {sent}")
+                self.metrics.retries.inc()
                 await asyncio.sleep(0.5)
         yield {"error": "every model replica failed for this request", "status": 503}
 
@@ -140,7 +149,7 @@ def build_application(runtime_args: dict, config: ServeConfig, replicas: int):
     @serve.ingress(app)
     class Ingress:
         def __init__(self, replica):
-            worker.handle = replica
+            self.replica = replica  # binds the replicas into the application
 
     replica = SegmentReplica.options(num_replicas=replicas, ray_actor_options=options)
     return Ingress.bind(replica.bind(runtime_args, config.sessions))
@@ -156,7 +165,7 @@ def run_ray(runtime_args: dict, config: ServeConfig, host: str, port: int, repli
     except ConnectionError:
         ray.init(include_dashboard=False, logging_level=logging.WARNING)
     serve.start(http_options={"host": host, "port": port})
-    serve.run(build_application(runtime_args, config, replicas), name="virst",
+    serve.run(build_application(runtime_args, config, replicas), name=APP,
               route_prefix="/")
     print(f"virst serve --ray: {replicas} replicas, http://{host}:{port}", flush=True)
     stop = threading.Event()

@@ -85,6 +85,8 @@ class Metrics:
         self.cache_hits = Counter("virst_cache_hits", "requests served from cached video "
                                                       "features", registry=r)
         self.errors = Counter("virst_errors", "errors by kind", ["kind"], registry=r)
+        self.retries = Counter("virst_replica_retries", "requests retried on another replica",
+                               registry=r)
 
 
 class Segmenter:
@@ -278,6 +280,7 @@ def create_app(runtime, config: ServeConfig, warm: bool = True, worker=None) -> 
     replicas, runtime/scale.py)."""
     worker = worker or LocalWorker(runtime, config.sessions)
     server = Server(worker, config)
+    worker.metrics = server.metrics
 
     async def lifespan(app):
         if warm:

@@ -101,20 +101,25 @@ def test_ray_serve_gives_the_single_process_masks_and_survives_a_replica_kill(
     want = [frame_record(f)["masks"] for f in local.segment(texts)]
     assert [line["masks"] for line in lines[:-1]] == want
 
+    import numpy as np
+
+    write_video(np.concatenate([clip.frames] * 6), tmp_path / "long.mp4", lossless=True)
+    long = Client(url).upload(tmp_path / "long.mp4")["id"]
+    want_long = [frame_record(f)["masks"] for f in Runtime(threads=1).session(
+        tmp_path / "long.mp4").segment(texts)]
     results = []
-    threads = [threading.Thread(target=lambda: results.append(_segment(url, vid, texts)))
+    threads = [threading.Thread(target=lambda: results.append(_segment(url, long, texts)))
                for _ in range(6)]
     for t in threads:
         t.start()
     time.sleep(3)  # requests are running on both replicas
     ray.init(address=address, logging_level="ERROR")
     try:
-        from ray.util.state import list_actors
-
-        replicas = [a for a in list_actors(filters=[("state", "=", "ALIVE")])
-                    if "SegmentReplica" in a.class_name]
-        assert len(replicas) == 2
-        ray.kill(ray.get_actor(replicas[0].name, namespace="serve"), no_restart=False)
+        replicas = [a for a in ray.util.list_named_actors(all_namespaces=True)
+                    if "SegmentReplica" in a["name"]]
+        assert len(replicas) == 2, replicas
+        ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]),
+                 no_restart=False)
     finally:
         ray.shutdown()
     for t in threads:
@@ -122,4 +127,6 @@ def test_ray_serve_gives_the_single_process_masks_and_survives_a_replica_kill(
     assert len(results) == 6
     for status, lines in results:  # none lost: every one complete, masks unchanged
         assert status == 200 and "summary" in lines[-1], lines[-1:]
-        assert [line["masks"] for line in lines[:-1]] == want
+        assert [line["masks"] for line in lines[:-1]] == want_long
+    retried = httpx.get(f"{url}/metrics").text
+    assert "virst_replica_retries_total 0.0" not in retried  # the kill hit a running request

@@ -144,8 +144,9 @@ def test_resume_after_interrupt_reaches_the_same_parameters(tmp_path):
 
 
 def test_stage_schedule_and_click_prompts():
-    """Stages training SAM2's heads keep every n-th sample on clicks; corrective clicks land in the larger error region
-    with the right label; a click step trains SAM2's heads and nothing of the STF."""
+    """Stages training SAM2's heads keep every n-th sample on clicks; corrective clicks land
+    in the larger error region with the right label; a click step trains SAM2's heads and
+    nothing of the STF."""
     assert STAGES[0].mode_for(0) == "clicks"
     assert [STAGES[3].mode_for(i, 3) for i in range(4)] == [
         "clicks", "propagate", "propagate", "clicks"]
