@@ -164,7 +164,7 @@ def run_ray(runtime_args: dict, config: ServeConfig, host: str, port: int, repli
         ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
     except ConnectionError:
         ray.init(include_dashboard=False, logging_level=logging.WARNING)
-    serve.start(http_options={"host": host, "port": port})
+    serve.start(http_options={"host": host, "port": port, "keep_alive_timeout_s": 75})
     serve.run(build_application(runtime_args, config, replicas), name=APP,
               route_prefix="/")
     print(f"virst serve --ray: {replicas} replicas, http://{host}:{port}", flush=True)

@@ -15,6 +15,7 @@ a bounded queue, masks leave as soon as they are known.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -49,19 +50,36 @@ class Session:
 
     # -------------------------------------------------------------- cached pass 1
     def _first_pass(self) -> None:
+        """The sampled frames -> video tokens and segmentation-frame features, the vision
+        tower and chunks of the image encoder side by side on the compute threads."""
         if self._seg is not None:
             self.cache_hits += 1
             return
         rt, cfg, plan = self.rt, self.rt.config, self.plan
         with self.timers("decode"):
             frames = self.source.read(set(plan.vlm) | set(plan.seg))
-        with self.timers("vlm"), torch.inference_mode():
-            pixels = to_model_input(np.stack([frames[f] for f in plan.vlm]),
-                                    cfg.vlm_image_size, cfg.vlm_resize, rt.device, rt.dtype)
-            clips = pixels.view(-1, cfg.clip_frames, *pixels.shape[1:])
-            self._video_tokens = rt.backend.vision(clips)
-        with self.timers("image encoder"), torch.inference_mode():
-            self._seg = rt.encode([frames[f] for f in plan.seg])
+
+        def vision():
+            with self.timers("vlm"), torch.inference_mode():
+                pixels = to_model_input(np.stack([frames[f] for f in plan.vlm]),
+                                        cfg.vlm_image_size, cfg.vlm_resize, rt.device,
+                                        rt.dtype)
+                return rt.backend.vision(pixels.view(-1, cfg.clip_frames, *pixels.shape[1:]))
+
+        def encode(chunk):
+            with self.timers("image encoder"), torch.inference_mode():
+                return rt.encode([frames[f] for f in chunk])
+
+        workers = 2 if rt.threads.encoder_thread else 1
+        seg = sorted(set(plan.seg))
+        chunks = [c for c in np.array_split(seg, workers) if len(c)]
+        with ThreadPoolExecutor(workers) as pool:
+            tokens = pool.submit(vision)
+            parts = list(pool.map(encode, chunks))
+        self._video_tokens = tokens.result()
+        feats = Features.cat(parts) if len(parts) > 1 else parts[0]
+        row = {f: i for i, f in enumerate(seg)}
+        self._seg = feats.take([row[f] for f in plan.seg])
 
     def video_tokens(self) -> torch.Tensor:
         self._first_pass()

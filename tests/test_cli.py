@@ -167,28 +167,33 @@ def test_info_prints_the_parameter_table():
     assert "8,202,971,571" in res.stdout and "SAM2 image encoder" in res.stdout
 
 
-def test_demo_segments_a_shapes_clip_and_scores_it(tmp_path):
-    """The README's main job: masks, overlays and a J&F the demo recomputes from its own
-    ground truth (checked here against the written PNGs)."""
+def test_demo_segments_seeded_clips_and_scores_them(tmp_path):
+    """The README's main job: clips drawn by the seed (not picked by hand), every expression
+    of each, masks and overlays, and J&F values the demo recomputes from its own ground
+    truth (checked here against the written PNGs)."""
     import re
 
-    from virst.cli import DEMO_EXPRESSION, DEMO_VIDEO
+    from virst.cli import demo_videos
     from virst.data.shapes import make_video
     from virst.eval.metrics import sequence_jf
     from virst.media import read_mask
 
-    res = run("demo", "-o", str(tmp_path))
+    res = run("demo", "-o", str(tmp_path), "--seed", "3", "--clips", "1")
     assert res.returncode == 0, res.stderr
-    clip = make_video("valid", DEMO_VIDEO)
-    pngs = sorted((tmp_path / "masks").glob("*.png"))
-    assert len(pngs) == len(clip.frames)
-    assert (tmp_path / "overlay.mp4").stat().st_size > 0
-    with Image.open(tmp_path / "overlay.png") as im:
+    (v,) = demo_videos(3, 1)
+    assert demo_videos(3, 2) != demo_videos(4, 2)
+    clip = make_video("valid", v)
+    folder = tmp_path / f"valid-{v:02d}"
+    printed = [float(x) for x in re.findall(r"^\s+J&F\s+([\d.]+)\s", res.stdout, re.M)]
+    assert len(printed) == len(clip.expressions) > 1
+    for e, (_, objects, _) in enumerate(clip.expressions):
+        pngs = sorted((folder / "masks" / str(e)).glob("*.png"))
+        assert len(pngs) == len(clip.frames)
+        pred = np.stack([read_mask(p) for p in pngs])
+        jf = 100 * sequence_jf(clip.masks[objects].any(axis=0), pred)[2]
+        assert abs(printed[e] - jf) < 0.06
+    assert (folder / "overlay.mp4").stat().st_size > 0
+    with Image.open(folder / "overlay.png") as im:
         assert im.size == (4 * clip.frames.shape[2], clip.frames.shape[1])
-    _, objects, _ = clip.expressions[DEMO_EXPRESSION]
-    pred = np.stack([read_mask(p) for p in pngs])
-    jf = 100 * sequence_jf(clip.masks[objects].any(axis=0), pred)[2]
-    printed = float(re.search(r"J&F ([\d.]+)", res.stdout).group(1))
-    assert abs(printed - jf) < 0.06
-    res = run("demo", "-o", str(tmp_path / "bad"), "--expression", "99")
-    assert res.returncode == 2 and "out of range" in res.stderr
+    res = run("demo", "-o", str(tmp_path / "bad"), "--video", "99")
+    assert res.returncode == 2 and "--video must be within" in res.stderr

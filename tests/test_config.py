@@ -37,3 +37,48 @@ def test_bad_configs_are_refused_with_names(tmp_path):
     (tmp_path / "d.json").write_text("{not json")
     with pytest.raises(ConfigError, match="cannot read config"):
         VirstConfig.load(tmp_path / "d.json")
+
+
+def test_decoder_heads_come_from_the_config_and_old_folders_load_as_8(tmp_path):
+    """16 lanes per head at every width (tiny: 2 heads), 8 for virst-7b as SAM2; a model
+    folder written before the field existed is an 8-head model and computes as before."""
+    import json
+
+    import torch
+
+    from virst.model import VirstModel, init_empty_weights
+
+    assert preset("tiny").sam_decoder_heads == 2 and preset("virst-7b").sam_decoder_heads == 8
+    with init_empty_weights():
+        big = VirstModel(preset("virst-7b"))
+    attn = big.sam2.sam_mask_decoder.transformer.layers[0].cross_attn_token_to_image
+    assert big.sam2.sam_mask_decoder.transformer.num_heads == attn.num_heads == 8
+    tiny = VirstModel.from_preset("tiny")
+    assert tiny.sam2.sam_mask_decoder.transformer.final_attn_token_to_image.num_heads == 2
+    old = VirstModel.from_preset("tiny", sam_decoder_heads=8)
+    old.save_pretrained(tmp_path / "old")
+    cfg = json.loads((tmp_path / "old" / "config.json").read_text())
+    del cfg["sam_decoder_heads"]
+    (tmp_path / "old" / "config.json").write_text(json.dumps(cfg))
+    loaded = VirstModel.from_pretrained(tmp_path / "old")
+    assert loaded.sam2.sam_mask_decoder.transformer.num_heads == 8
+    frames = torch.randint(0, 255, (5, 40, 56, 3), dtype=torch.uint8).numpy()
+    assert (loaded.segment(frames, "the red circle", return_logits=True)
+            == old.segment(frames, "the red circle", return_logits=True)).all()
+    with pytest.raises(ConfigError, match="sam_decoder_heads"):
+        preset("tiny", sam_decoder_heads=3)
+
+
+def test_from_scratch_start_aligns_the_decoder_cross_attention():
+    from virst.model import VirstModel
+    from virst.sam2_model import init_prompt_attention
+
+    sam = VirstModel.from_preset("tiny").sam2
+    init_prompt_attention(sam, scale=3.0)
+    t = sam.sam_mask_decoder.transformer
+    for attn in [*(layer.cross_attn_token_to_image for layer in t.layers),
+                 t.final_attn_token_to_image]:
+        assert (attn.k_proj.weight == 3 * attn.q_proj.weight).all()
+        assert (attn.k_proj.bias == 3 * attn.q_proj.bias).all()
+    image_to_token = t.layers[0].cross_attn_image_to_token
+    assert not (image_to_token.k_proj.weight == 3 * image_to_token.q_proj.weight).all()

@@ -172,3 +172,49 @@ def test_stage_schedule_and_click_prompts():
     assert all(p.grad is None for p in model.vlm.parameters())
     parts = forward_losses(model.train(), sample, "click_propagate")
     assert parts["dice"].item() > 0
+
+
+def _toy_objects(index: int) -> Sample:
+    """Four objects (one moving) on a small clip: where clicks can land."""
+    t = 6
+    path = np.tile([[14.0, 14.0]], (t, 1)) + np.arange(t)[:, None] * [2.0, 0.0]
+    shapes = [Shape("circle", "red", 10, path, 1),
+              Shape("square", "blue", 10, np.tile([[56.0, 14.0]], (t, 1)), 1),
+              Shape("triangle", "green", 10, np.tile([[36.0, 36.0]], (t, 1)), 1)]
+    frames, masks = render(shapes, 48, 72, t, np.random.default_rng(index))
+    return Sample(frames, ["the red circle"], [masks[0]], index, masks)
+
+
+def test_prompt_phase_lowers_click_agreement_and_the_collapse_detector_fires(tmp_path):
+    """A short prompt-following run on a handful of frames: masks of clicks on different
+    objects stop agreeing (1.0 -> well below the limit), and the stage ends normally; the
+    same check on a decoder that ignores its clicks (two steps in) stops training with a
+    message instead of going on."""
+    import torch.nn.functional as F
+
+    from virst.errors import TrainingError
+    from virst.eval.prompting import click_following
+
+    sample = _toy_objects(0)
+    masks = F.interpolate(torch.from_numpy(sample.objects).float(), size=(256, 256),
+                          mode="nearest-exact") > 0.5
+    views = [(sample.frames[:3], masks[:, :3].permute(1, 0, 2, 3).numpy())]
+
+    def trainer(out, steps):
+        model = VirstModel.from_preset("tiny", seed=0)
+        cfg = TrainConfig(out=str(out), stages=[0], steps={0: steps}, lr={0: 2e-3},
+                          eval_videos=0, check_every=0, check_videos=1, warmup=0.0,
+                          click_videos=2, decoder_first=steps, prompt_init=True,
+                          save_every=1000)
+        t = Trainer(model, cfg, sample_fn=_toy_objects)
+        t._views = views  # the held-out check on these frames instead of shapes valid
+        return t
+
+    before = click_following(VirstModel.from_preset("tiny", seed=0), views)
+    assert before["click_agreement"] > 0.9
+    with pytest.raises(TrainingError, match="ignores its prompt"):
+        trainer(tmp_path / "collapsed", steps=2).run()
+    good = trainer(tmp_path / "follows", steps=200)
+    good.run()
+    check = good.history[0]["prompt_following"][-1]
+    assert check["click_agreement"] < 0.8 and check["click_iou"] > before["click_iou"] + 0.2

@@ -13,9 +13,7 @@ import numpy as np
 from virst.errors import InputError, VirstError
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "default-model"
-# the demo clip (shapes valid video, expression): one the default model gets right (J&F 97);
-# it gets 5 of the 80 valid expressions right, see its model card
-DEMO_VIDEO, DEMO_EXPRESSION = 5, 0
+VALID_VIDEOS = 24  # the shapes valid split the demo draws from (training never sees it)
 
 
 def load_model(folder: str | None, device: str = "cpu"):
@@ -89,7 +87,10 @@ def cmd_serve(args) -> None:
     from runtime.serve import create_app
 
     app = create_app(Runtime(**runtime_args), config)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    # keep-alive longer than the client's pools: a connection the server drops just as a
+    # client reuses it fails a POST that nothing retries
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning",
+                timeout_keep_alive=75)
 
 
 def cmd_client(args) -> None:
@@ -104,41 +105,59 @@ def cmd_client(args) -> None:
           f"({summary.get('fps')} FPS); masks in {args.output or args.rle}")
 
 
+def demo_videos(seed: int, clips: int) -> list[int]:
+    """Which shapes valid videos the demo shows: drawn by `seed`, never picked by hand."""
+    rng = np.random.default_rng(seed)
+    return sorted(int(v) for v in rng.choice(VALID_VIDEOS, size=min(clips, VALID_VIDEOS),
+                                             replace=False))
+
+
 def cmd_demo(args) -> None:
-    """A clip of the generated shapes benchmark (valid split, which training never sees),
-    segmented with the default model; masks, an overlay video and image, and the clip's J&F
-    against its ground truth."""
+    """Shapes valid clips drawn by a seed, every expression of each segmented in one pass
+    with the default model: masks, an overlay video and image per clip, and J&F per
+    expression against the clip's ground truth."""
     from PIL import Image
 
+    from runtime.pipeline import Runtime
+    from runtime.writer import MaskWriter, overlay_frame
     from virst.data.shapes import make_video
     from virst.eval.metrics import sequence_jf
-    from virst.media import Video, contact_sheet, overlay, save_masks, write_video
+    from virst.media import Video, contact_sheet
 
     out = Path(args.output)
-    clip = make_video("valid", args.video)
-    if not 0 <= args.expression < len(clip.expressions):
-        raise InputError(f"valid video {args.video} has {len(clip.expressions)} expressions; "
-                         f"--expression {args.expression} is out of range")
-    expression, objects, _ = clip.expressions[args.expression]
-    truth = clip.masks[objects].any(axis=0)
-    video = Video(clip.frames, [f"{i:05d}" for i in range(len(clip.frames))])
-    model = load_model(args.model, args.device)
-    start = time.perf_counter()
-    masks = model.segment(video, expression, progress=True)
-    took = time.perf_counter() - start
-    out.mkdir(parents=True, exist_ok=True)
-    save_masks(masks.astype(np.uint8), video.names, out / "masks")
-    write_video(clip.frames, out / "clip.mp4")
-    tinted = overlay(clip.frames, masks)
-    write_video(tinted, out / "overlay.mp4")
-    Image.fromarray(contact_sheet(tinted)).save(out / ".overlay.partial.png")
-    os.replace(out / ".overlay.partial.png", out / "overlay.png")
-    j, f, jf = sequence_jf(truth, masks)
-    print(f"demo: shapes valid video {args.video} ({len(video)} frames), {expression!r}: "
-          f"{took:.1f} s ({len(video) / took:.1f} FPS); J {100 * j:.1f}, F {100 * f:.1f}, "
-          f"J&F {100 * jf:.1f} against the ground truth")
-    print(f"demo: masks in {out / 'masks'}, overlay in {out / 'overlay.mp4'} and "
-          f"{out / 'overlay.png'}")
+    videos = [args.video] if args.video is not None else demo_videos(args.seed, args.clips)
+    if any(not 0 <= v < VALID_VIDEOS for v in videos):
+        raise InputError(f"--video must be within 0-{VALID_VIDEOS - 1}")
+    runtime = Runtime(args.model, backend=args.backend, device=args.device)
+    scores = []
+    for v in videos:
+        clip = make_video("valid", v)
+        texts = [e[0] for e in clip.expressions]
+        names = [f"{i:05d}" for i in range(len(clip.frames))]
+        folder = out / f"valid-{v:02d}"
+        session = runtime.session(Video(clip.frames, names))
+        start = time.perf_counter()
+        kept = []
+        with MaskWriter(texts, session.source.size, folder=folder / "masks",
+                        overlay_path=folder / "overlay.mp4", fps=10, overwrite=True) as writer:
+            for frame in session.segment(texts, keep_frames=True):
+                writer.write(frame)
+                kept.append(frame.masks)
+        took = time.perf_counter() - start
+        masks = np.stack(kept, axis=1)  # (E, T, H, W)
+        sheet = contact_sheet(np.stack([overlay_frame(f, m) for f, m in
+                                        zip(clip.frames, masks.transpose(1, 0, 2, 3))]))
+        Image.fromarray(sheet).save(folder / ".overlay.partial.png")
+        os.replace(folder / ".overlay.partial.png", folder / "overlay.png")
+        print(f"demo: shapes valid video {v} ({len(names)} frames, {len(texts)} expressions "
+              f"in {took:.1f} s, {len(names) / took:.1f} FPS); overlay in {folder}")
+        for (text, objects, kind), pred in zip(clip.expressions, masks):
+            _, _, jf = sequence_jf(clip.masks[objects].any(axis=0), pred)
+            scores.append(jf)
+            label = "referring" if kind == 0 else "reasoning"
+            print(f"  J&F {100 * jf:5.1f}  {label:<9}  {text!r}")
+    print(f"demo: mean J&F {100 * np.mean(scores):.1f} over the {len(scores)} expressions "
+          f"shown (the model card gives the whole valid split)")
 
 
 def cmd_eval(args) -> None:
@@ -311,13 +330,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--api-key", help="bearer token (default: $VIRST_API_KEY)")
     c.set_defaults(run=cmd_client)
 
-    p = sub.add_parser("demo", help="generate a clip and segment it with the default model")
+    p = sub.add_parser("demo", help="segment seeded shapes clips with the default model")
     p.add_argument("-o", "--output", default="out/demo")
     p.add_argument("--model")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--video", type=int, default=DEMO_VIDEO, help="shapes valid video index")
-    p.add_argument("--expression", type=int, default=DEMO_EXPRESSION,
-                   help="expression index within that video")
+    p.add_argument("--seed", type=int, default=0, help="draws the clips shown")
+    p.add_argument("--clips", type=int, default=2, help="how many valid clips to show")
+    p.add_argument("--video", type=int, help="show this valid video instead")
+    p.add_argument("--backend", default="eager")
     p.set_defaults(run=cmd_demo)
 
     p = sub.add_parser("eval", help="score a model or saved predictions on an RVOS dataset")
