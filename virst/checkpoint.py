@@ -42,10 +42,12 @@ LORA = re.compile(r"^(.*)\.lora_([AB])\.[^.]+\.weight$")
 
 
 def strip_wrappers(name: str) -> str:
-    for prefix in ("module.", "base_model.model."):
-        if name.startswith(prefix):
-            name = name[len(prefix):]
-    return name.replace(".base_layer.", ".")
+    """Drop DDP's "module." and PEFT's "base_model.model." / ".base_layer." from a key
+    (PEFT's prefix sits where PEFT wrapped: at the start in the release, after "vlm.llm."
+    in our trainer's state)."""
+    if name.startswith("module."):
+        name = name[len("module."):]
+    return name.replace("base_model.model.", "").replace(".base_layer.", ".")
 
 
 def route(name: str) -> str | None:

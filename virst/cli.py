@@ -196,13 +196,22 @@ def cmd_data(args) -> None:
 
 
 def cmd_train(args) -> None:
+    """One process, or every rank of a torchrun launch (`python -m virst.train`)."""
     import shutil
 
     from virst.data.shapes import write_split
     from virst.eval.run import evaluate, report
     from virst.model import VirstModel
+    from virst.train import distributed as D
     from virst.train.trainer import TrainConfig, Trainer
 
+    if args.plan:
+        from virst.train.plan import memory_plan
+
+        print(memory_plan(args.preset, args.nproc, args.gpu_gb))
+        return
+    if not args.output:
+        raise InputError("give a run folder: -o OUT")
     if args.data != "shapes":
         raise InputError(f"training data {args.data!r}: only the generated shapes are here")
     names = ("0", "1", "2", "3")
@@ -215,29 +224,36 @@ def cmd_train(args) -> None:
                       accumulate=args.accumulate, eval_videos=args.eval_videos,
                       save_every=args.save_every, propagate_every=args.propagate_every,
                       points_every=args.points_every, prompt_init=not args.init,
-                      check_every=args.check_every)
+                      check_every=args.check_every, check_videos=args.check_videos,
+                      strategy=args.strategy, checkpointing=args.checkpointing)
     for stage, steps in zip(stages, args.steps or []):
         cfg.steps[stage] = steps
     for stage, lr in zip(stages, args.lr or []):
         cfg.lr[stage] = lr
     overrides = dict(_config_value(kv) for kv in args.set or [])
+    world = D.init_world(D.device_for(D.World(), args.device))
+    device = D.device_for(world, args.device)
     model = (VirstModel.from_pretrained(args.init) if args.init
-             else VirstModel.from_preset(args.preset, seed=args.seed, **overrides))
+             else VirstModel.from_preset(args.preset, seed=args.seed, **overrides)).to(device)
     val_root = Path(args.output) / "shapes"
 
     def validate(model, stage):
-        if cfg.eval_videos <= 0:
-            return None
         if not (val_root / "meta_expressions_valid_.json").is_file():
             write_split(val_root, "valid", cfg.eval_videos, progress=False)
         out = Path(args.output) / f"eval-stage{stage}"
         shutil.rmtree(out, ignore_errors=True)
         result = evaluate("shapes", val_root, out, model=model, model_label=f"stage{stage}")
         print(report(result))
-        return result["table"]
+        return {**result["table"], "expression_agreement": result["expression_agreement"]}
 
-    Trainer(model, cfg).run(validate=validate)
-    print(f"model in {Path(args.output) / 'model'}")
+    Trainer(model, cfg, world=world).run(stop_after=args.stop_after, validate=validate)
+    if world.main:
+        print(f"model in {Path(args.output) / 'model'} ({world.size} process(es), "
+              f"{cfg.strategy if world.size > 1 else 'single process'})")
+    if world.distributed:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
 
 
 def _config_value(text: str) -> tuple[str, object]:
@@ -370,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="tiny")
     p.add_argument("--data", default="shapes")
     p.add_argument("--stage", default="all", help="'all' or stages in order, e.g. 3 or 0,3")
-    p.add_argument("-o", "--output", required=True)
+    p.add_argument("-o", "--output", help="run folder (required unless --plan)")
     p.add_argument("--init", help="model folder to start from (default: random init)")
     p.add_argument("--steps", type=lambda s: [int(x) for x in s.split(",")],
                    help="optimizer steps per stage, comma-separated in stage order")
@@ -384,8 +400,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stages 2-3: every n-th sample trains SAM2 click prompts (0: never)")
     p.add_argument("--check-every", type=int, default=100,
                    help="measure prompt following every n steps of stages training SAM2")
+    p.add_argument("--check-videos", type=int, default=12,
+                   help="held-out videos of the prompt-following check (0: no checks)")
+    p.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp2"],
+                   help="with several ranks (torchrun -m virst.train): DDP or FSDP2")
+    p.add_argument("--checkpointing", action="store_true",
+                   help="activation checkpointing of the transformer blocks")
+    p.add_argument("--device", help="default: this rank's GPU if there is one, else cpu")
+    p.add_argument("--stop-after", type=int, help="stop after this many optimizer steps, "
+                   "checkpoint written, as an interruption would (resume: run again)")
+    p.add_argument("--plan", action="store_true",
+                   help="print the per-rank memory plan (meta device, no training)")
+    p.add_argument("--nproc", type=int, default=8, help="ranks of the --plan")
+    p.add_argument("--gpu-gb", type=float, default=80, help="GPU memory of the --plan")
     p.add_argument("--lora", action="store_true", help="LoRA (r 64, alpha 16) on the LLM")
-    p.add_argument("--accumulate", type=int, default=1)
+    p.add_argument("--accumulate", type=int, default=1,
+                   help="samples per optimizer step over all ranks (a multiple of the ranks)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=50)
     p.add_argument("--eval-videos", type=int, default=24)

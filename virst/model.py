@@ -159,23 +159,38 @@ class VirstModel(nn.Module):
         load_checked(model, state, source=str(folder / WEIGHTS))
         return model.to(device).eval()
 
+    def forward(self, sample, mode: str) -> dict[str, torch.Tensor]:
+        """One training sample's losses (`virst.train.step.forward_losses`): the call DDP
+        and FSDP2 wrap, so that their hooks see every training forward."""
+        from virst.train.step import forward_losses
+
+        return forward_losses(self, sample, mode)
+
     # ---------------------------------------------------------------------- inference
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
-    def prefill(self, prompt: Prompt, video_tokens: torch.Tensor, seg_features: torch.Tensor,
-                full: bool = False) -> tuple[torch.Tensor, list[int]]:
-        """Final hidden states (1, L, hidden) of one prefill and the [SEG] positions.
+    def prefill(self, prompts: Prompt | list[Prompt], video_tokens: torch.Tensor,
+                seg_features: torch.Tensor | None, full: bool = False
+                ) -> tuple[torch.Tensor, list[int] | list[list[int]]]:
+        """Final hidden states (E, L, hidden) of one prefill of E prompts (right-padded: with
+        causal attention no real position sees the padding) and their [SEG] positions. One
+        `Prompt` gives (1, L, hidden) and its positions.
 
         Inference stops at the last [SEG] (`full=False`); the trainer needs the whole answer.
         """
-        embeds = self.vlm.embed_prompt(prompt, video_tokens, full=full)
-        positions = prompt.seg_positions(video_tokens.shape[0])
+        single = isinstance(prompts, Prompt)
+        prompts = [prompts] if single else prompts
+        embeds = [self.vlm.embed_prompt(p, video_tokens, full=full)[0] for p in prompts]
+        positions = [p.seg_positions(video_tokens.shape[0]) for p in prompts]
         if self.config.initial_seg_fusion:
-            embeds = embeds.clone()
-            embeds[:, positions] = self.initial_seg_fusion(embeds[:, positions], seg_features)
-        return self.vlm.hidden_states(embeds), positions
+            embeds = [e.clone() for e in embeds]
+            for e, pos in zip(embeds, positions):
+                e[pos] = self.initial_seg_fusion(e[pos][None], seg_features)[0]
+        batch = torch.nn.utils.rnn.pad_sequence(embeds, batch_first=True)
+        hidden = self.vlm.hidden_states(batch)
+        return (hidden, positions[0]) if single else (hidden, positions)
 
     def frame_prompts(self, video: Video, plan: FramePlan, prompt: Prompt,
                       frames: FrameEncoder) -> dict[int, torch.Tensor]:

@@ -21,6 +21,7 @@ from torch import nn
 from virst.model import VirstModel
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LORA_RANK, LORA_ALPHA = 64, 16.0
 
 
 @dataclass(frozen=True)
@@ -30,11 +31,12 @@ class Stage:
     groups: tuple[str, ...]
     mode: str  # "anchors", "propagate" or "clicks" (see train/step.py)
 
-    def mode_for(self, sample_index: int, points_every: int = 0) -> str:
-        """The forward mode of one sample: stages that train SAM2's heads keep its click
-        training on every `points_every`-th sample (0: never), so that the decoder keeps
-        following its prompt. (Stage 0's own schedule is the trainer's.)"""
-        if points_every and "sam_heads" in self.groups and sample_index % points_every == 0:
+    def mode_for(self, step: int, points_every: int = 0) -> str:
+        """The forward mode of one optimizer step (every sample of a step, on every rank,
+        runs the same modules): stages that train SAM2's heads keep its click training on
+        every `points_every`-th step (0: never), so that the decoder keeps following its
+        prompt. (Stage 0's own schedule is the trainer's.)"""
+        if points_every and "sam_heads" in self.groups and step % points_every == 0:
             return "clicks"
         return self.mode
 
@@ -64,19 +66,14 @@ def parameter_groups(model: VirstModel) -> dict[str, list[tuple[str, nn.Paramete
     return groups
 
 
-def apply_lora(model: VirstModel, r: int = 64, alpha: int = 16, dropout: float = 0.05) -> None:
+def apply_lora(model: VirstModel, r: int = LORA_RANK, alpha: float = LORA_ALPHA,
+               dropout: float = 0.05) -> None:
     """Wrap the Qwen2 decoder's projections in LoRA adapters (peft), base weights frozen."""
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
                         target_modules=LORA_TARGETS, bias="none")
     model.vlm.llm = get_peft_model(model.vlm.llm, config)
-
-
-def merge_lora(model: VirstModel) -> None:
-    """W += alpha / r * B @ A, adapters removed: the plain model again."""
-    if hasattr(model.vlm.llm, "merge_and_unload"):
-        model.vlm.llm = model.vlm.llm.merge_and_unload()
 
 
 def set_trainable(model: VirstModel, stage: Stage, lora: bool) -> list[str]:

@@ -207,19 +207,22 @@ def forward_losses(model: VirstModel, sample: Sample, mode: str) -> dict[str, to
         sample.frames[list(plan.vlm)], cfg.vlm_image_size, cfg.vlm_resize, device))
     level2 = feats.level2[None]  # (1, T, C, h, w)
     seg_id = model.tokenizer.token_to_id(SEG_TOKEN)
-    for text, mask in zip(sample.texts, sample.masks):
+    prompts = [build_prompt(model.tokenizer, text, cfg.num_seg_tokens) for text in sample.texts]
+    # one prefill for every expression: each module runs once per sample (FSDP2 ranks
+    # must make the same calls), and it is faster
+    hidden, positions = model.prefill(prompts, video_tokens, level2, full=True)
+    for e, (prompt, mask) in enumerate(zip(prompts, sample.masks)):
         target = _targets_at(mask, seg, size, device)
-        prompt = build_prompt(model.tokenizer, text, cfg.num_seg_tokens)
-        hidden, positions = model.prefill(prompt, video_tokens, level2, full=True)
         pos, labels = answer_targets(prompt, video_tokens.shape[0], seg_id)
-        logits = model.vlm.lm_head(hidden[0, pos])
+        logits = model.vlm.lm_head(hidden[e, pos])
         parts["token"].append(F.cross_entropy(logits.float(), torch.tensor(labels, device=device),
                                               ignore_index=IGNORE))
-        prompts = model.seg_prompter(hidden[:, positions], level2)  # (1, N, T, C)
+        prompt_tokens = model.seg_prompter(hidden[e : e + 1, positions[e]], level2)
         if mode == "anchors":
-            heads = _split(anchor_heads(model.sam2, feats, prompts[0].transpose(0, 1)))
+            heads = _split(anchor_heads(model.sam2, feats, prompt_tokens[0].transpose(0, 1)))
             _accumulate(parts, heads, target, size)
         else:
-            propagate_losses(model, feats, target, lambda a, p=prompts: p[:, :, a], rng, parts)
+            propagate_losses(model, feats, target, lambda a, p=prompt_tokens: p[:, :, a], rng,
+                             parts)
     zero = video_tokens.sum() * 0
     return {k: torch.stack(v).mean() if v else zero for k, v in parts.items()}

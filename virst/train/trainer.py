@@ -1,6 +1,11 @@
-"""The trainer: stages in order, AdamW with warm-up and cosine decay, gradient accumulation,
-bf16 autocast on GPUs that have it, checkpoints that resume to the same state, a progress
-bar with the loss, and the shapes validation scores at the end of every stage.
+"""The trainer: stages in order, AdamW with warm-up and cosine decay, a global batch per
+step (gradient accumulation, split over the ranks of a `torchrun` launch: DDP or FSDP2,
+virst/train/distributed.py), bf16 autocast on GPUs that have it, sharded checkpoints that
+resume to the same state on any number of ranks, a progress bar with the loss (rank 0),
+and the shapes validation scores at the end of every stage.
+
+Every sample draws its random numbers (dropout) from a seed of its own, so that the same
+samples give the same step whichever rank, world size or resume point computes them.
 
 Prompt following (`virst.eval.prompting.click_following`: click IoU on held-out frames and
 the agreement between masks of clicks on different objects) is measured every
@@ -8,7 +13,8 @@ the agreement between masks of clicks on different objects) is measured every
 agreement is still above `collapse_agreement` after the prompt-following stage stops there
 with a message instead of training for hours on a decoder that ignores its prompt.
 
-    OUT/checkpoint/      model.safetensors + state.pt (optimizer, schedule, RNG, position)
+    OUT/checkpoint/      shards/ (torch.distributed.checkpoint: model, optimizer) + state.pt
+                         (schedule, position, history)
     OUT/history.json     per-stage losses and validation tables
     OUT/model/           the final model (LoRA merged), loadable with from_pretrained
 """
@@ -18,9 +24,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -28,17 +32,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
+from virst.checkpoint import merge_lora
 from virst.errors import TrainingError
 from virst.eval.prompting import click_following, shapes_views
-from virst.files import save_tensors
-from virst.model import VirstModel
+from virst.model import VirstModel, load_checked
 from virst.sam2_model import init_prompt_attention
+from virst.train import distributed as D
 from virst.train.losses import total
-from virst.train.stages import STAGES, apply_lora, merge_lora, set_trainable
-from virst.train.step import Sample, forward_losses, shapes_sample
+from virst.train.stages import LORA_ALPHA, STAGES, apply_lora, set_trainable
+from virst.train.step import Sample, shapes_sample
 
 
 @dataclass
@@ -47,8 +51,11 @@ class TrainConfig:
     stages: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
     steps: dict = field(default_factory=lambda: {0: 1000, 1: 600, 2: 400, 3: 800})
     lr: dict = field(default_factory=lambda: {0: 1e-3, 1: 6e-4, 2: 3e-4, 3: 2e-4})
-    accumulate: int = 1
+    accumulate: int = 1  # samples per optimizer step, over all ranks together
     lora: bool = False  # LoRA on the LLM in stages 1-3 (the released model); tiny: full LLM
+    strategy: str = "ddp"  # with several ranks: "ddp" or "fsdp2"
+    checkpointing: bool = False  # activation checkpointing of the transformer blocks
+    train_videos: int = 100_000  # shapes training videos per epoch of the sampler
     seed: int = 0
     save_every: int = 50
     eval_videos: int = 24  # shapes valid videos scored after each stage (0: skip)
@@ -72,17 +79,6 @@ class TrainConfig:
         self.lr = {int(k): float(v) for k, v in self.lr.items()}
 
 
-def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-            "python": random.getstate()}
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-
-
 def _schedule(optimizer, steps: int, warmup: float):
     warm = max(1, int(warmup * steps))
 
@@ -97,8 +93,11 @@ def _schedule(optimizer, steps: int, warmup: float):
 
 class Trainer:
     def __init__(self, model: VirstModel, cfg: TrainConfig,
-                 sample_fn: Callable[[int], Sample] = shapes_sample):
+                 sample_fn: Callable[[int], Sample] = shapes_sample, world: D.World | None = None):
         self.model, self.cfg, self.sample_fn = model, cfg, sample_fn
+        self.world = world or D.World()
+        self.order = D.SampleOrder(cfg.train_videos, cfg.seed, self.world)
+        self.module = model  # what the loop calls: the model, DDP around it, or FSDP2-sharded
         self.out = Path(cfg.out)
         self.ckpt = self.out / "checkpoint"
         self.history: list[dict] = []
@@ -106,45 +105,60 @@ class Trainer:
         self.seconds = 0.0
         self.checks: list[dict] = []  # prompt-following checks of the current stage
         self._views = None  # held-out frames of those checks, built once
+        self._wrapped_for = None
+        if cfg.lora and any(s in (1, 2, 3) for s in cfg.stages):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(cfg.seed)  # the adapters' init, the same on every rank
+                apply_lora(model)  # once, before any sharding; merged when written
+        if cfg.checkpointing:
+            D.checkpoint_blocks(model)
 
     # ------------------------------------------------------------------ stage set-up
-    def _uses_lora(self, stage: int) -> bool:
-        return self.cfg.lora and stage in (1, 2, 3)
+    def _rewrap(self) -> None:
+        """(Re)build the DDP wrapper when the trainable set changed (DDP buckets only the
+        parameters that train when it is built); FSDP2 shards once, in place."""
+        key = tuple(p.requires_grad for p in self.model.parameters())
+        if key != self._wrapped_for:
+            self.module = D.wrap(self.model, self.cfg.strategy, self.world, bf16=self._bf16())
+            self._wrapped_for = key
+
+    def _bf16(self) -> bool:
+        device = self.model.device
+        return device.type == "cuda" and torch.cuda.is_bf16_supported()
 
     def _begin_stage(self, stage: int) -> None:
-        if self._uses_lora(stage):
-            apply_lora(self.model)
-        names = set_trainable(self.model, STAGES[stage], self._uses_lora(stage))
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        set_trainable(self.model, STAGES[stage], self.cfg.lora)
+        self._rewrap()
+        params = [p for p in self.module.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=self.cfg.lr[stage], weight_decay=0.0)
         self.scheduler = _schedule(self.optimizer, self.cfg.steps[stage], self.cfg.warmup)
-        self.trainable = names
-
-    def _end_stage(self, stage: int) -> None:
-        if self._uses_lora(stage):
-            merge_lora(self.model)
-        for p in self.model.parameters():
-            p.requires_grad_(True)
 
     # ------------------------------------------------------------------- checkpoints
     def save(self) -> None:
-        self.out.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".checkpoint.partial-", dir=self.out))
-        state = {k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()}
-        save_tensors(state, str(tmp / "model.safetensors"))
-        torch.save({"position": self.position, "optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict(), "rng": _rng_state(),
-                    "history": self.history, "seconds": self.seconds, "checks": self.checks,
-                    "config": asdict(self.cfg)}, tmp / "state.pt")
-        old = self.out / ".checkpoint.old"
-        shutil.rmtree(old, ignore_errors=True)
-        if self.ckpt.exists():
-            os.replace(self.ckpt, old)
-        os.replace(tmp, self.ckpt)
-        shutil.rmtree(old, ignore_errors=True)
+        """Every rank writes its shards to OUT/.checkpoint.partial, then rank 0 adds the
+        trainer state and moves it into place whole."""
+        tmp = self.out / ".checkpoint.partial"
+        if self.world.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        D.barrier(self.world)
+        D.save_checkpoint(tmp / "shards", self.module, self.optimizer, self.world)
+        if self.world.main:
+            torch.save({"position": self.position, "scheduler": self.scheduler.state_dict(),
+                        "history": self.history, "seconds": self.seconds,
+                        "checks": self.checks, "config": asdict(self.cfg),
+                        "world_size": self.world.size}, tmp / "state.pt")
+            old = self.out / ".checkpoint.old"
+            shutil.rmtree(old, ignore_errors=True)
+            if self.ckpt.exists():
+                os.replace(self.ckpt, old)
+            os.replace(tmp, self.ckpt)
+            shutil.rmtree(old, ignore_errors=True)
+        D.barrier(self.world)
 
     def restore(self) -> bool:
-        """Continue from OUT/checkpoint if there is one; False when starting fresh."""
+        """Continue from OUT/checkpoint (written on any number of ranks); False when
+        starting fresh."""
         if not (self.ckpt / "state.pt").is_file():
             return False
         state = torch.load(self.ckpt / "state.pt", weights_only=False)
@@ -152,60 +166,91 @@ class Trainer:
         self.seconds, self.checks = state["seconds"], state.get("checks", [])
         stage = self.cfg.stages[self.position["stage_index"]]
         self._begin_stage(stage)
-        weights = load_file(str(self.ckpt / "model.safetensors"))
-        self.model.load_state_dict(weights, strict=True)
-        self.optimizer.load_state_dict(state["optimizer"])
+        self._freeze_for_step(stage)
+        D.load_checkpoint(self.ckpt / "shards", self.module, self.optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"])
         return True
 
     # ------------------------------------------------------------------------- loop
+    def _freeze_for_step(self, stage: int) -> None:
+        """Stage 0 trains the decoder on the frozen encoder first."""
+        if stage == 0:
+            frozen = self.position["step"] < self.cfg.decoder_first
+            self.model.sam2.image_encoder.requires_grad_(not frozen)
+            self._rewrap()
+
+    def _plan_step(self, stage: int) -> tuple[int, str | None]:
+        """(global samples, forced mode) of this optimizer step."""
+        if stage != 0:
+            return self.cfg.accumulate, None
+        step, every = self.position["step"], self.cfg.propagate_every
+        propagating = (step >= self.cfg.decoder_first and every > 0
+                       and step % every == every - 1)
+        if propagating:
+            return self.cfg.accumulate, "click_propagate"
+        return self.cfg.click_videos, "clicks"
+
     def _step(self, stage: int) -> dict[str, float]:
-        self.model.train()
+        self.module.train()
         logged: dict[str, float] = {}
         device = self.model.device
-        use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        samples, forced = self.cfg.accumulate, None
-        if stage == 0:  # decoder first (encoder frozen), then clicks and click propagation
-            step = self.position["step"]
-            frozen = step < self.cfg.decoder_first
-            self.model.sam2.image_encoder.requires_grad_(not frozen)
-            every = self.cfg.propagate_every
-            propagating = not frozen and every > 0 and step % every == every - 1
-            forced = "click_propagate" if propagating else "clicks"
-            samples = 1 if propagating else self.cfg.click_videos
-        for _ in range(samples):
-            index = self.cfg.seed * 1_000_000 + self.position["seen"]
+        self._freeze_for_step(stage)
+        count, forced = self._plan_step(stage)
+        start, world = self.position["seen"], self.world
+        mine = self.order.mine(start, count)
+        mode = forced or STAGES[stage].mode_for(self.position["step"], self.cfg.points_every)
+        for i, index in enumerate(mine):
             sample = self.sample_fn(index)
-            mode = forced or STAGES[stage].mode_for(self.position["seen"], self.cfg.points_every)
-            self.position["seen"] += 1
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                parts = forward_losses(self.model, sample, mode)
-                loss = total(parts) / samples
-            loss.backward()
+            torch.manual_seed(self.cfg.seed * 1_000_003 + index)  # this sample's dropout
+            with D.gradient_sync(self.module, i == len(mine) - 1), torch.autocast(
+                    device.type, dtype=torch.bfloat16, enabled=self._bf16()):
+                parts = self.module(sample, mode)
+                loss = total(parts) / len(mine)
+                loss.backward()
             for k, v in parts.items():
-                logged[k] = logged.get(k, 0.0) + v.item() / samples
+                logged[k] = logged.get(k, 0.0) + v.item() / len(mine)
             logged["loss"] = logged.get("loss", 0.0) + loss.item()
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.position["seen"] += count
+        params = [p for p in self.module.parameters() if p.requires_grad]
         torch.nn.utils.clip_grad_norm_(params, self.cfg.clip)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return logged
+        return D.mean_over_ranks(logged, world)
+
+    # ---------------------------------------------------------------- whole models
+    def plain_model(self) -> VirstModel | None:
+        """The model as one plain module with LoRA merged (rank 0; None elsewhere): what
+        validation reads and what is written out. Gathering runs on every rank."""
+        state = (D.full_state(self.module) if self.world.distributed else
+                 {k: v.detach().clone() for k, v in self.model.state_dict().items()})
+        if not self.world.main:
+            return None
+        state = {k.replace("_checkpoint_wrapped_module.", ""): v for k, v in state.items()}
+        if self.cfg.lora:
+            state, _ = merge_lora(state, LORA_ALPHA)
+        model = VirstModel(self.model.config, self.model.tokenizer)
+        state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+        load_checked(model, state, "training state")
+        return model.to(self.model.device).eval()
 
     # --------------------------------------------------------------- prompt following
     def _check_prompts(self, stage: int, bar) -> dict | None:
+        """Click IoU and agreement on held-out frames (rank 0 measures, all ranks get it)."""
         if self.cfg.check_videos <= 0:
             return None
-        if self._views is None:
-            size = self.model.config.sam_image_size
-            self._views = shapes_views(self.cfg.check_videos, size=size)
-        result = {"stage": stage, "step": self.position["step"],
-                  **click_following(self.model, self._views)}
-        bar.write(f"stage {stage} step {result['step']}: click IoU {result['click_iou']:.3f}, "
-                  f"agreement between clicks on different objects "
-                  f"{result['click_agreement']:.3f}")
-        return result
+        model = self.plain_model()
+        result = None
+        if self.world.main:
+            if self._views is None:
+                size = self.model.config.sam_image_size
+                self._views = shapes_views(self.cfg.check_videos, size=size)
+            result = {"stage": stage, "step": self.position["step"],
+                      **click_following(model, self._views)}
+            bar.write(f"stage {stage} step {result['step']}: click IoU "
+                      f"{result['click_iou']:.3f}, agreement between clicks on different "
+                      f"objects {result['click_agreement']:.3f}")
+        return D.from_main(result, self.world)
 
     def _stop_if_collapsed(self, stage: int, check: dict | None) -> None:
         if stage != 0 or check is None or check["click_agreement"] <= self.cfg.collapse_agreement:
@@ -223,8 +268,6 @@ class Trainer:
         """Train every remaining step. `stop_after` optimizer steps ends this call early
         (as an interruption would), after a checkpoint."""
         torch.manual_seed(self.cfg.seed)
-        np.random.seed(self.cfg.seed)
-        random.seed(self.cfg.seed)
         resumed = self.restore()
         if not resumed and self.cfg.prompt_init:
             init_prompt_attention(self.model.sam2)
@@ -236,7 +279,8 @@ class Trainer:
             resumed = False
             total_steps = self.cfg.steps[stage]
             bar = tqdm(total=total_steps, initial=self.position["step"],
-                       desc=f"stage {stage} ({STAGES[stage].name})")
+                       desc=f"stage {stage} ({STAGES[stage].name})",
+                       disable=not self.world.main)
             losses: list[dict] = []
             while self.position["step"] < total_steps:
                 start = time.perf_counter()
@@ -261,14 +305,16 @@ class Trainer:
             final_check = self._check_prompts(stage, bar)
             bar.close()
             self._stop_if_collapsed(stage, final_check)
-            self._end_stage(stage)
             record = {"stage": stage, "name": STAGES[stage].name, "steps": total_steps,
                       "final_losses": _mean(losses[-20:]), "train_seconds": self.seconds,
                       "loss_curve": [round(x["loss"], 4) for x in losses],
                       "prompt_following": [c for c in [*self.checks, final_check] if c]}
             self.checks = []
-            if validate is not None:
-                record["validation"] = validate(self.model, stage)
+            if validate is not None and self.cfg.eval_videos > 0:
+                plain = self.plain_model()
+                if self.world.main:
+                    record["validation"] = validate(plain, stage)
+                D.barrier(self.world)
             self.history.append(record)
             self.position = {"stage_index": self.position["stage_index"] + 1, "step": 0,
                              "seen": self.position["seen"]}
@@ -276,8 +322,11 @@ class Trainer:
                 self._begin_stage(self.cfg.stages[self.position["stage_index"]])
                 resumed = True
                 self.save()
-        (self.out / "history.json").write_text(json.dumps(self.history, indent=2) + "\n")
-        self.model.eval().save_pretrained(self.out / "model")
+        final = self.plain_model()
+        if self.world.main:
+            (self.out / "history.json").write_text(json.dumps(self.history, indent=2) + "\n")
+            final.save_pretrained(self.out / "model")
+        D.barrier(self.world)
 
 
 def _mean(rows: list[dict]) -> dict[str, float]:
