@@ -87,11 +87,9 @@ def _load(spec: dict):
     torch.set_num_threads(spec["threads"] if spec["path"] == "reference" else 1)
     model = None
     if spec.get("random_weights"):
-        from virst.config import preset
         from virst.model import VirstModel
 
-        with torch.device(spec["device"]):
-            model = VirstModel(preset(spec["preset"]), synthetic_tokenizer(spec["preset"]))
+        model = VirstModel.from_preset(spec["preset"], device=spec["device"])
         model = model.to(dtype=getattr(torch, DTYPES[spec["precision"]])).eval()
     if spec["path"] == "reference":
         if model is None:
@@ -106,27 +104,6 @@ def _load(spec: dict):
 
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-
-
-def synthetic_tokenizer(preset_name: str):
-    """Random-weights runs have no trained tokenizer: a word-level one whose [SEG] has the
-    preset's id (speed does not depend on which words the prompt holds)."""
-    from tokenizers import AddedToken, Tokenizer, pre_tokenizers
-    from tokenizers.models import WordLevel
-
-    from virst.config import preset
-    from virst.prompt import TINY_SPECIAL, tiny_words
-
-    cfg = preset(preset_name)
-    vocab = {tok: i for i, tok in enumerate(TINY_SPECIAL)}
-    vocab["[SEG]"] = cfg.seg_token_id
-    for word in sorted(set(tiny_words()) - set(vocab)):
-        vocab[word] = len(vocab) - 1
-    tok = Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in vocab
-                            if t in TINY_SPECIAL])
-    return tok
 
 
 def _one_run(target, spec: dict, video: Path, out: Path) -> tuple[float, dict, np.ndarray]:

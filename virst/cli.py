@@ -199,6 +199,8 @@ def cmd_train(args) -> None:
     """One process, or every rank of a torchrun launch (`python -m virst.train`)."""
     import shutil
 
+    import torch
+
     from virst.data.shapes import write_split
     from virst.eval.run import evaluate, report
     from virst.model import VirstModel
@@ -233,8 +235,9 @@ def cmd_train(args) -> None:
     overrides = dict(_config_value(kv) for kv in args.set or [])
     world = D.init_world(D.device_for(D.World(), args.device))
     device = D.device_for(world, args.device)
-    model = (VirstModel.from_pretrained(args.init) if args.init
-             else VirstModel.from_preset(args.preset, seed=args.seed, **overrides)).to(device)
+    model = (VirstModel.from_pretrained(args.init, device) if args.init
+             else VirstModel.from_preset(args.preset, seed=args.seed, device=device,
+                                         **overrides))
     val_root = Path(args.output) / "shapes"
 
     def validate(model, stage):
@@ -249,7 +252,10 @@ def cmd_train(args) -> None:
     Trainer(model, cfg, world=world).run(stop_after=args.stop_after, validate=validate)
     if world.main:
         print(f"model in {Path(args.output) / 'model'} ({world.size} process(es), "
-              f"{cfg.strategy if world.size > 1 else 'single process'})")
+              f"{cfg.strategy if world.distributed else 'single process'})")
+        if device.type == "cuda":
+            print(f"peak GPU memory on rank 0: "
+                  f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")
     if world.distributed:
         import torch.distributed as dist
 

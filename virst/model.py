@@ -33,6 +33,7 @@ from virst.prompt import (
     Prompt,
     build_prompt,
     load_tokenizer,
+    placeholder_tokenizer,
 )
 from virst.sam2_model import build_sam2
 from virst.sampling import FramePlan, plan_frames
@@ -110,11 +111,15 @@ class VirstModel(nn.Module):
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_preset(cls, name: str, seed: int = 0, **overrides) -> VirstModel:
-        """Randomly initialised (seeded) model; the tiny preset brings its tokenizer."""
+    def from_preset(cls, name: str, seed: int = 0, device: str | torch.device = "cpu",
+                    **overrides) -> VirstModel:
+        """Randomly initialised (seeded) model, built on `device`. The tiny preset brings
+        its tokenizer; others get a word-level placeholder whose [SEG] has the preset's id
+        (random weights: for speed and memory runs, not for reading real text)."""
         cfg = preset(name, **overrides)
-        tokenizer = load_tokenizer(TINY_TOKENIZER_DIR) if cfg.preset == "tiny" else None
-        with torch.random.fork_rng(devices=[]):
+        tokenizer = (load_tokenizer(TINY_TOKENIZER_DIR) if cfg.preset == "tiny"
+                     else placeholder_tokenizer(cfg))
+        with torch.random.fork_rng(devices=[]), torch.device(device):
             torch.manual_seed(seed)
             return cls(cfg, tokenizer).eval()
 

@@ -96,6 +96,20 @@ def build_word_tokenizer(words: list[str]) -> Tokenizer:
     return tok
 
 
+def placeholder_tokenizer(cfg) -> Tokenizer:
+    """The tiny word-level vocabulary with [SEG] at `cfg.seg_token_id`: prompts of the right
+    shape for a model of random weights whose real tokenizer is not at hand."""
+    vocab = {tok: i for i, tok in enumerate(TINY_SPECIAL)}
+    vocab[SEG_TOKEN] = cfg.seg_token_id
+    for word in sorted(set(tiny_words()) - set(vocab)):
+        vocab[word] = len(vocab) - 1  # ids below the [SEG] id, none repeated
+    tok = Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in TINY_SPECIAL])
+    return tok
+
+
 def tiny_words() -> list[str]:
     lines = (TINY_TOKENIZER_DIR / "words.txt").read_text().splitlines()
     return [w for line in lines if not line.startswith("#") for w in line.split()]

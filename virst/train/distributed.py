@@ -44,8 +44,9 @@ class World:
 
 
 def init_world(device: torch.device) -> World:
-    """The process group torchrun describes in the environment (none: a single process)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    """The process group torchrun describes in the environment (a launch of one process
+    gets one too, so FSDP2 can run on a single GPU); none for a plain `virst train`."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return World()
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
