@@ -226,6 +226,7 @@ def cmd_train(args) -> None:
                       accumulate=args.accumulate, eval_videos=args.eval_videos,
                       save_every=args.save_every, propagate_every=args.propagate_every,
                       points_every=args.points_every, prompt_init=not args.init,
+                      read_expression=not args.init,
                       check_every=args.check_every, check_videos=args.check_videos,
                       strategy=args.strategy, checkpointing=args.checkpointing)
     for stage, steps in zip(stages, args.steps or []):

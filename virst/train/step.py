@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from virst.model import VirstModel
 from virst.preprocess import to_model_input
-from virst.prompt import SEG_TOKEN, Prompt, build_prompt
+from virst.prompt import SEG_TOKEN, Prompt, build_prompt, normalize_expression
 from virst.sampling import plan_frames
 from virst.tdau import (
     HeadOutput,
@@ -20,7 +20,7 @@ from virst.tdau import (
     encode_batch,
     propagate,
 )
-from virst.train.losses import IGNORE, frame_losses
+from virst.train.losses import IGNORE, expression_words, frame_losses
 
 
 @dataclass
@@ -163,7 +163,8 @@ CLICK_MODES = ("clicks", "click_propagate")
 CLICK_FRAMES = 2  # frames of one video per click sample: batches mix several videos
 
 
-def forward_losses(model: VirstModel, sample: Sample, mode: str) -> dict[str, torch.Tensor]:
+def forward_losses(model: VirstModel, sample: Sample, mode: str,
+                   read_expression: bool = False) -> dict[str, torch.Tensor]:
     """Mean losses over the sample: bce, dice, iou (frames with the object), occlusion (all
     supervised frames) and token (the answer text; expression modes only).
 
@@ -171,7 +172,8 @@ def forward_losses(model: VirstModel, sample: Sample, mode: str) -> dict[str, to
     from its STF prompt), "propagate" (3 random anchors, SAM2 memory over the frames
     around them). Click modes (SAM2 alone, its own training in miniature): "clicks" (a
     random object per frame, a click and a corrective click), "click_propagate" (one
-    object clicked on 3 random anchors, propagated)."""
+    object clicked on 3 random anchors, propagated). `read_expression` adds the
+    "expression" loss (losses.expression_words) for language models trained from scratch."""
     cfg, device = model.config, model.device
     rng = np.random.default_rng(sample.seed)
     plan = plan_frames(len(sample.frames), cfg, seed=sample.seed)
@@ -182,6 +184,8 @@ def forward_losses(model: VirstModel, sample: Sample, mode: str) -> dict[str, to
         sample.frames[seg], cfg.sam_image_size, cfg.sam_resize, device))
     size = cfg.sam_image_size
     parts: dict[str, list] = {k: [] for k in ("bce", "dice", "iou", "occlusion", "token")}
+    if read_expression and mode not in CLICK_MODES:
+        parts["expression"] = []
     zero = feats.vision[-1].sum() * 0
     if mode in CLICK_MODES:
         objects = sample.click_targets()
@@ -217,6 +221,11 @@ def forward_losses(model: VirstModel, sample: Sample, mode: str) -> dict[str, to
         logits = model.vlm.lm_head(hidden[e, pos])
         parts["token"].append(F.cross_entropy(logits.float(), torch.tensor(labels, device=device),
                                               ignore_index=IGNORE))
+        if "expression" in parts:
+            words = model.tokenizer.encode(normalize_expression(sample.texts[e]),
+                                           add_special_tokens=False).ids
+            seg_logits = model.vlm.lm_head(hidden[e, positions[e]].mean(0))
+            parts["expression"].append(expression_words(seg_logits, sorted(set(words))))
         prompt_tokens = model.seg_prompter(hidden[e : e + 1, positions[e]], level2)
         if mode == "anchors":
             heads = _split(anchor_heads(model.sam2, feats, prompt_tokens[0].transpose(0, 1)))

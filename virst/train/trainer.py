@@ -49,7 +49,7 @@ from virst.train.step import Sample, shapes_sample
 class TrainConfig:
     out: str
     stages: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
-    steps: dict = field(default_factory=lambda: {0: 1000, 1: 600, 2: 400, 3: 800})
+    steps: dict = field(default_factory=lambda: {0: 1000, 1: 1000, 2: 400, 3: 800})
     lr: dict = field(default_factory=lambda: {0: 1e-3, 1: 6e-4, 2: 3e-4, 3: 2e-4})
     accumulate: int = 1  # samples per optimizer step, over all ranks together
     lora: bool = False  # LoRA on the LLM in stages 1-3 (the released model); tiny: full LLM
@@ -64,6 +64,7 @@ class TrainConfig:
     propagate_every: int = 2  # stage 0: every n-th step trains propagation from clicks
     points_every: int = 4  # stages 2-3: every n-th sample trains SAM2 clicks (0: never)
     prompt_init: bool = False  # from scratch: decoder cross-attention k = q (sam2_model.py)
+    read_expression: bool = False  # from scratch: the "expression" loss (train/losses.py)
     # stage 0 trains the mask decoder on a frozen (random) image encoder first: trained
     # together from step 0, encoder and decoder settle on "mask every salient object"
     decoder_first: int = 500
@@ -204,7 +205,7 @@ class Trainer:
             torch.manual_seed(self.cfg.seed * 1_000_003 + index)  # this sample's dropout
             with D.gradient_sync(self.module, i == len(mine) - 1), torch.autocast(
                     device.type, dtype=torch.bfloat16, enabled=self._bf16()):
-                parts = self.module(sample, mode)
+                parts = self.module(sample, mode, self.cfg.read_expression)
                 loss = total(parts) / len(mine)
                 loss.backward()
             for k, v in parts.items():
