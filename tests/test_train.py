@@ -40,8 +40,14 @@ def test_bce_dice_iou_token_occlusion_values():
     assert L.token_ce(torch.zeros(3, 10), torch.tensor([1, L.IGNORE, 4])).item() == (
         pytest.approx(math.log(10)))
     assert L.occlusion(torch.zeros(1), torch.ones(1)).item() == pytest.approx(math.log(2))
-    parts = {k: torch.tensor(1.0) for k in L.WEIGHTS}
-    assert L.total(parts).item() == pytest.approx(3.1)
+    release = ("bce", "dice", "token", "occlusion", "iou")
+    parts = {k: torch.tensor(1.0) for k in release}
+    assert L.total(parts).item() == pytest.approx(3.1)  # the paper's weights
+    assert L.total({**parts, "expression": torch.tensor(1.0)}).item() == pytest.approx(4.1)
+    logits = torch.tensor([0.0, 5.0, 5.0, 0.0])  # the expression's words are 1 and 2
+    low = L.expression_words(logits, [1, 2]).item()
+    assert low < L.expression_words(logits, [0, 3]).item()
+    assert low == pytest.approx(-torch.log_softmax(logits, 0)[1].item())
 
 
 def test_frame_losses_train_the_chosen_candidate_and_skip_absent_frames():
