@@ -21,7 +21,6 @@ import hmac
 import json
 import logging
 import queue
-import threading
 import time
 import uuid
 from collections import OrderedDict
@@ -41,6 +40,7 @@ from prometheus_client import (
 )
 
 from runtime.store import NotAVideo, VideoStore
+from runtime.threads import Handoff
 from runtime.writer import frame_record
 from virst.errors import InputError, VideoError, VirstError
 
@@ -163,37 +163,27 @@ class LocalWorker:
         self.segmenter.forget(video_id)
 
     async def stream(self, record, expressions: list[str], deadline: float):
-        results: queue.Queue = queue.Queue(maxsize=32)
-        stop = threading.Event()
-
-        def put(item) -> bool:
-            while not stop.is_set():
-                try:
-                    results.put(item, timeout=0.2)
-                    return True
-                except queue.Full:
-                    continue
-            return False
+        handoff = Handoff(32)
 
         def run():
             try:
                 for item in self.segmenter.segment(record.id, record.source, expressions,
                                                    deadline):
-                    if not put(item):
+                    if not handoff.put(item):
                         return  # the client went away: stop here, free the worker
             except VirstError as err:
-                put({"error": str(err), "status": 422})
+                handoff.put({"error": str(err), "status": 422})
             except Exception as err:  # reported to the client, logged with its traceback
                 log.exception("segmentation failed")
-                put({"error": f"internal error: {type(err).__name__}", "status": 500})
+                handoff.put({"error": f"internal error: {type(err).__name__}", "status": 500})
             finally:
-                put(None)
+                handoff.put(None)
 
         work = asyncio.get_running_loop().run_in_executor(self.executor, run)
         try:
             while True:
                 try:
-                    item = results.get_nowait()
+                    item = handoff.queue.get_nowait()
                 except queue.Empty:
                     await asyncio.sleep(0.005)
                     continue
@@ -201,7 +191,7 @@ class LocalWorker:
                     break
                 yield item
         finally:
-            stop.set()
+            handoff.stop()
             await asyncio.shield(work)
 
     def close(self) -> None:

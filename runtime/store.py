@@ -20,6 +20,7 @@ import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from export.manifest import sha256_file
 from runtime.video import open_video
 from virst.errors import VideoError
 from virst.media import IMAGE_SUFFIXES
@@ -41,14 +42,6 @@ class VideoRecord:
     def public(self) -> dict:
         return {"id": self.id, "frames": self.frames, "width": self.width,
                 "height": self.height, "name": self.name}
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def validate(source: Path) -> tuple[int, int, int]:
@@ -116,7 +109,7 @@ class VideoStore:
         """Validate an uploaded file (video or frame archive) and keep it; the spool file
         is consumed either way."""
         try:
-            video_id = sha256_of(spooled)[:16]
+            video_id = sha256_file(spooled)[:16]
             known = self.get(video_id)
             if known is not None:
                 return known
@@ -142,7 +135,7 @@ class VideoStore:
 
     def add_path(self, path: Path) -> VideoRecord:
         """A video already on the server (under the media root): validated, not copied."""
-        video_id = sha256_of(path)[:16] if path.is_file() else hashlib.sha256(
+        video_id = sha256_file(path)[:16] if path.is_file() else hashlib.sha256(
             str(path).encode()).hexdigest()[:16]
         known = self.get(video_id)
         if known is not None:

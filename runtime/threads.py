@@ -90,41 +90,52 @@ class _Failure:
         self.error = error
 
 
-def background(items: Iterator, maxsize: int = 2, name: str = "virst-stage") -> Iterator:
-    """Run the iterator `items` in a thread, `maxsize` results ahead of the consumer. An
-    exception there is raised here; leaving early stops the thread."""
-    q: queue.Queue = queue.Queue(maxsize)
-    stop = threading.Event()
+class Handoff:
+    """A bounded queue from a producer thread to a consumer that may leave: once `stop()`
+    is called, `put` gives up (returns False) instead of blocking forever on a full queue."""
 
-    def put(item) -> bool:
-        while not stop.is_set():
+    def __init__(self, maxsize: int):
+        self.queue: queue.Queue = queue.Queue(maxsize)
+        self.stopped = threading.Event()
+
+    def put(self, item) -> bool:
+        while not self.stopped.is_set():
             try:
-                q.put(item, timeout=0.05)
+                self.queue.put(item, timeout=0.05)
                 return True
             except queue.Full:
                 continue
         return False
 
+    def stop(self) -> None:
+        self.stopped.set()
+
+
+def background(items: Iterator, maxsize: int = 2, name: str = "virst-stage") -> Iterator:
+    """Run the iterator `items` in a thread, `maxsize` results ahead of the consumer. An
+    exception there is raised here; leaving early stops the thread."""
+    handoff = Handoff(maxsize)
+
     def run():
         try:
             with torch.inference_mode():
                 for item in items:
-                    if not put(item):
+                    if not handoff.put(item):
                         return
-            put(_END)
+            handoff.put(_END)
         except BaseException as err:  # handed to the consumer, which raises it
-            put(_Failure(err))
+            handoff.put(_Failure(err))
 
     thread = threading.Thread(target=run, name=name, daemon=True)
     thread.start()
     try:
         while True:
-            item = q.get()
+            item = handoff.queue.get()
             if item is _END:
                 return
             if isinstance(item, _Failure):
                 raise item.error
             yield item
     finally:
-        stop.set()
+        handoff.stop()
         thread.join()

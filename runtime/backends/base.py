@@ -9,7 +9,6 @@ eager or compiled) or from the exported artifacts (ONNX Runtime, TensorRT).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 
@@ -78,21 +77,36 @@ class TrackInputs:
         return dict(self.__dict__)
 
 
-class Backend(Protocol):
+class Backend:
+    """The protocol, written once over `_run(unit, *tensors) -> outputs`, the one method
+    each backend implements (eager.py, compiled.py, ort.py, trt.py). A backend also has
+    `name`, `device`, `config` and `constants` (maskmem_tpos_enc, obj_ptr_tpos_proj.*)."""
+
     name: str
     device: torch.device
     config: VirstConfig
-    constants: dict[str, torch.Tensor]  # maskmem_tpos_enc, obj_ptr_tpos_proj.{weight,bias}
+    constants: dict[str, torch.Tensor]
 
-    def encode(self, pixels: torch.Tensor) -> Features: ...
+    def _run(self, unit: str, *args: torch.Tensor) -> list[torch.Tensor]:
+        raise NotImplementedError
 
-    def anchor(self, feats: Features, prompt: torch.Tensor) -> StepOutput: ...
+    def encode(self, pixels: torch.Tensor) -> Features:
+        return Features(*self._run("image_encoder", pixels))
 
-    def track(self, feats: Features, memory: TrackInputs) -> StepOutput: ...
+    def anchor(self, feats: Features, prompt: torch.Tensor) -> StepOutput:
+        return StepOutput(*self._run("anchor_step", *feats.as_tuple(), prompt))
 
-    def vision(self, clips: torch.Tensor) -> torch.Tensor: ...
+    def track(self, feats: Features, memory: TrackInputs) -> StepOutput:
+        m = memory
+        return StepOutput(*self._run("track_step", *feats.as_tuple(), m.memory, m.memory_tpos,
+                                     m.memory_valid, m.pointers, m.pointer_pos,
+                                     m.pointer_valid))
+
+    def vision(self, clips: torch.Tensor) -> torch.Tensor:
+        return self._run("vision", clips)[0]
 
     def seg_prompter(self, seg_hidden: torch.Tensor, seg_features: torch.Tensor) -> torch.Tensor:
-        ...
+        return self._run("seg_prompter", seg_hidden, seg_features)[0]
 
-    def describe(self) -> str: ...
+    def describe(self) -> str:
+        raise NotImplementedError

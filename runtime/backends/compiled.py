@@ -23,7 +23,7 @@ class CompiledBackend(EagerBackend):
     def _run(self, name: str, *args):
         out = super()._run(name, *args)
         if self.device.type == "cuda":  # CUDA-graph outputs are overwritten by the next replay
-            out = tuple(o.clone() for o in out) if isinstance(out, tuple) else out.clone()
+            out = [o.clone() for o in out]
         return out
 
     def describe(self) -> str:

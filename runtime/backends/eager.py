@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from export.units import AnchorStep, ImageEncoder, SegPrompterUnit, TrackStep, VisionUnit
-from runtime.backends.base import Features, StepOutput, TrackInputs
+from runtime.backends.base import Backend
 from virst.model import VirstModel
 
 
@@ -17,7 +17,7 @@ def model_constants(model: VirstModel) -> dict[str, torch.Tensor]:
             "obj_ptr_tpos_proj.bias": sam.obj_ptr_tpos_proj.bias.detach()}
 
 
-class EagerBackend:
+class EagerBackend(Backend):
     name = "eager"
 
     def __init__(self, model: VirstModel, device: torch.device):
@@ -30,27 +30,10 @@ class EagerBackend:
         for unit in self.units.values():
             unit.to(device).eval().requires_grad_(False)
 
-    def _run(self, name: str, *args):
+    def _run(self, name: str, *args) -> list[torch.Tensor]:
         with torch.inference_mode():
-            return self.units[name](*args)
-
-    def encode(self, pixels: torch.Tensor) -> Features:
-        return Features(*self._run("image_encoder", pixels))
-
-    def anchor(self, feats: Features, prompt: torch.Tensor) -> StepOutput:
-        return StepOutput(*self._run("anchor_step", *feats.as_tuple(), prompt))
-
-    def track(self, feats: Features, memory: TrackInputs) -> StepOutput:
-        m = memory
-        return StepOutput(*self._run("track_step", *feats.as_tuple(), m.memory, m.memory_tpos,
-                                     m.memory_valid, m.pointers, m.pointer_pos,
-                                     m.pointer_valid))
-
-    def vision(self, clips: torch.Tensor) -> torch.Tensor:
-        return self._run("vision", clips)
-
-    def seg_prompter(self, seg_hidden: torch.Tensor, seg_features: torch.Tensor) -> torch.Tensor:
-        return self._run("seg_prompter", seg_hidden, seg_features)
+            out = self.units[name](*args)
+        return list(out) if isinstance(out, tuple) else [out]
 
     def describe(self) -> str:
         return f"torch {torch.__version__} eager on {self.device}"

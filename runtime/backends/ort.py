@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from runtime.artifacts import Artifacts
-from runtime.backends.base import Features, StepOutput, TrackInputs
+from runtime.backends.base import Backend
 from virst.errors import ConfigError
 
 NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
@@ -17,7 +17,7 @@ NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
-class OrtBackend:
+class OrtBackend(Backend):
     name = "onnxruntime"
 
     def __init__(self, artifacts: Artifacts, device: torch.device, threads: int = 1):
@@ -59,24 +59,6 @@ class OrtBackend:
             feeds[spec.name] = arr.astype(NUMPY[spec.type], copy=False)
         outs = sess.run(None, feeds)
         return [torch.from_numpy(o).float().to(self.device) for o in outs]
-
-    def encode(self, pixels: torch.Tensor) -> Features:
-        return Features(*self._run("image_encoder", pixels))
-
-    def anchor(self, feats: Features, prompt: torch.Tensor) -> StepOutput:
-        return StepOutput(*self._run("anchor_step", *feats.as_tuple(), prompt))
-
-    def track(self, feats: Features, memory: TrackInputs) -> StepOutput:
-        m = memory
-        return StepOutput(*self._run("track_step", *feats.as_tuple(), m.memory, m.memory_tpos,
-                                     m.memory_valid, m.pointers, m.pointer_pos,
-                                     m.pointer_valid))
-
-    def vision(self, clips: torch.Tensor) -> torch.Tensor:
-        return self._run("vision", clips)[0]
-
-    def seg_prompter(self, seg_hidden: torch.Tensor, seg_features: torch.Tensor) -> torch.Tensor:
-        return self._run("seg_prompter", seg_hidden, seg_features)[0]
 
     def describe(self) -> str:
         import onnxruntime as ort

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from runtime.artifacts import Artifacts
-from runtime.backends.base import Features, StepOutput, TrackInputs
+from runtime.backends.base import Backend
 from virst.errors import CheckpointError, ConfigError
 
 UNITS = ("image_encoder", "anchor_step", "track_step", "seg_prompter", "vision")
@@ -59,7 +59,7 @@ class EngineRunner:
         return [o.float() for o in outs]
 
 
-class TensorRTBackend:
+class TensorRTBackend(Backend):
     name = "tensorrt"
 
     def __init__(self, artifacts: Artifacts, device: torch.device, trt=None):
@@ -80,23 +80,8 @@ class TensorRTBackend:
             self.runners[unit] = EngineRunner(trt, artifacts.folder / next(iter(files)), device)
         self.trt_version = trt.__version__
 
-    def encode(self, pixels: torch.Tensor) -> Features:
-        return Features(*self.runners["image_encoder"](pixels))
-
-    def anchor(self, feats: Features, prompt: torch.Tensor) -> StepOutput:
-        return StepOutput(*self.runners["anchor_step"](*feats.as_tuple(), prompt))
-
-    def track(self, feats: Features, memory: TrackInputs) -> StepOutput:
-        m = memory
-        return StepOutput(*self.runners["track_step"](
-            *feats.as_tuple(), m.memory, m.memory_tpos, m.memory_valid, m.pointers,
-            m.pointer_pos, m.pointer_valid))
-
-    def vision(self, clips: torch.Tensor) -> torch.Tensor:
-        return self.runners["vision"](clips)[0]
-
-    def seg_prompter(self, seg_hidden: torch.Tensor, seg_features: torch.Tensor) -> torch.Tensor:
-        return self.runners["seg_prompter"](seg_hidden, seg_features)[0]
+    def _run(self, unit: str, *args: torch.Tensor) -> list[torch.Tensor]:
+        return self.runners[unit](*args)
 
     def describe(self) -> str:
         return (f"TensorRT {self.trt_version} on {self.device}, {self.artifacts.precision} "
