@@ -49,12 +49,12 @@ class Session:
         return self.source.length
 
     # -------------------------------------------------------------- cached pass 1
-    def _first_pass(self) -> None:
+    def _first_pass(self) -> bool:
         """The sampled frames -> video tokens and segmentation-frame features, the vision
-        tower and chunks of the image encoder side by side on the compute threads."""
+        tower and chunks of the image encoder side by side on the compute threads. True
+        when they were cached already."""
         if self._seg is not None:
-            self.cache_hits += 1
-            return
+            return True
         rt, cfg, plan = self.rt, self.rt.config, self.plan
         with self.timers("decode"):
             frames = self.source.read(set(plan.vlm) | set(plan.seg))
@@ -80,6 +80,7 @@ class Session:
         feats = Features.cat(parts) if len(parts) > 1 else parts[0]
         row = {f: i for i, f in enumerate(seg)}
         self._seg = feats.take([row[f] for f in plan.seg])
+        return False
 
     def video_tokens(self) -> torch.Tensor:
         self._first_pass()
@@ -95,6 +96,7 @@ class Session:
         """(E, N, T_seg, C): each expression's prompt tokens for every segmentation frame."""
         rt = self.rt
         prompts = [rt.build_prompt(e) for e in expressions]
+        self.cache_hits += self._first_pass()
         seg = self.seg_features().level2[None]  # (1, T, C, h, w)
         with self.timers("vlm"):
             hidden = rt.lm.seg_hidden(prompts, self.video_tokens(), seg)
