@@ -49,7 +49,7 @@ from virst.train.step import Sample, shapes_sample
 class TrainConfig:
     out: str
     stages: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
-    steps: dict = field(default_factory=lambda: {0: 1000, 1: 1000, 2: 400, 3: 800})
+    steps: dict = field(default_factory=lambda: {0: 1200, 1: 1000, 2: 400, 3: 800})
     lr: dict = field(default_factory=lambda: {0: 1e-3, 1: 6e-4, 2: 3e-4, 3: 2e-4})
     accumulate: int = 1  # samples per optimizer step, over all ranks together
     lora: bool = False  # LoRA on the LLM in stages 1-3 (the released model); tiny: full LLM
@@ -65,9 +65,12 @@ class TrainConfig:
     points_every: int = 4  # stages 2-3: every n-th sample trains SAM2 clicks (0: never)
     prompt_init: bool = False  # from scratch: decoder cross-attention k = q (sam2_model.py)
     read_expression: bool = False  # from scratch: the "expression" loss (train/losses.py)
-    # stage 0 trains the mask decoder on a frozen (random) image encoder first: trained
-    # together from step 0, encoder and decoder settle on "mask every salient object"
-    decoder_first: int = 500
+    # stage 0 trains the mask decoder on a frozen (random) image encoder first, until a
+    # prompt-following check shows click agreement below `follows_agreement` (or for at most
+    # `decoder_first` steps): trained together from step 0, or unfrozen before the decoder
+    # follows its clicks, encoder and decoder settle on "mask every salient object"
+    decoder_first: int = 1000
+    follows_agreement: float = 0.25
     # stage 0 click steps mix this many videos (CLICK_FRAMES frames each): within one
     # video's frames the decoder settles on "its salient objects" and never escapes
     click_videos: int = 8
@@ -173,10 +176,14 @@ class Trainer:
         return True
 
     # ------------------------------------------------------------------------- loop
+    def _encoder_frozen(self, stage: int) -> bool:
+        return (stage == 0 and not self.position.get("decoder_follows")
+                and self.position["step"] < self.cfg.decoder_first)
+
     def _freeze_for_step(self, stage: int) -> None:
         """Stage 0 trains the decoder on the frozen encoder first."""
         if stage == 0:
-            frozen = self.position["step"] < self.cfg.decoder_first
+            frozen = self._encoder_frozen(stage)
             self.model.sam2.image_encoder.requires_grad_(not frozen)
             self._rewrap()
 
@@ -185,7 +192,7 @@ class Trainer:
         if stage != 0:
             return self.cfg.accumulate, None
         step, every = self.position["step"], self.cfg.propagate_every
-        propagating = (step >= self.cfg.decoder_first and every > 0
+        propagating = (not self._encoder_frozen(stage) and every > 0
                        and step % every == every - 1)
         if propagating:
             return self.cfg.accumulate, "click_propagate"
@@ -295,7 +302,10 @@ class Trainer:
                 if (self.cfg.check_every and "sam_heads" in STAGES[stage].groups
                         and self.position["step"] % self.cfg.check_every == 0
                         and self.position["step"] < total_steps):
-                    self.checks.append(self._check_prompts(stage, bar))
+                    check = self._check_prompts(stage, bar)
+                    self.checks.append(check)
+                    if check and check["click_agreement"] < self.cfg.follows_agreement:
+                        self.position["decoder_follows"] = True  # the encoder may train now
                 if (self.position["step"] % self.cfg.save_every == 0
                         or self.position["step"] == total_steps
                         or (stop_after is not None and done_now >= stop_after)):
@@ -318,7 +328,8 @@ class Trainer:
                 D.barrier(self.world)
             self.history.append(record)
             self.position = {"stage_index": self.position["stage_index"] + 1, "step": 0,
-                             "seen": self.position["seen"]}
+                             "seen": self.position["seen"],
+                             "decoder_follows": self.position.get("decoder_follows", False)}
             if self.position["stage_index"] < len(self.cfg.stages):
                 self._begin_stage(self.cfg.stages[self.position["stage_index"]])
                 resumed = True
