@@ -145,7 +145,7 @@ def build_application(runtime_args: dict, config: ServeConfig, replicas: int):
                        f"Ray Serve, {replicas} replicas ({runtime_args.get('backend')})")
     app = create_app(None, config, warm=False, worker=worker)
 
-    @serve.deployment(num_replicas=1)
+    @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})  # I/O only
     @serve.ingress(app)
     class Ingress:
         def __init__(self, replica):

@@ -126,7 +126,13 @@ class VideoStore:
                 record = VideoRecord(video_id, frames, width, height, Path(name).name,
                                      str(final / source.name))
                 (work / "meta.json").write_text(json.dumps(asdict(record)))
-                os.replace(work, final)
+                try:
+                    os.replace(work, final)
+                except OSError:  # the same video, uploaded at the same time, got there first
+                    existing = self.get(video_id)
+                    if existing is None:
+                        raise
+                    return existing
                 return record
             finally:
                 shutil.rmtree(work, ignore_errors=True)

@@ -194,3 +194,27 @@ def test_api_keys_are_required_and_uploads_survive_a_restart(runtime, videos, tm
         info = client.http.get(f"/v1/videos/{vid}").json()
         assert info["id"] == vid and info["frames"] > 0
         assert "summary" in list(client.segment(vid, texts[:1]))[-1]
+
+
+def test_the_same_video_uploaded_at_once_is_stored_once(runtime, videos, tmp_path):
+    """Content addressing under concurrency: simultaneous uploads of one file all succeed
+    with one id (the store's rename race is handled)."""
+    root, _ = videos
+    with serving(runtime, ServeConfig(store=tmp_path / "store")) as url:
+        data = (root / "clip.mp4").read_bytes()
+        answers = []
+
+        def upload():
+            answers.append(httpx.post(f"{url}/v1/videos", files={"file": ("c.mp4", data)},
+                                      timeout=120))
+
+        threads = [threading.Thread(target=upload) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+    assert [a.status_code for a in answers] == [200] * 6
+    assert len({a.json()["id"] for a in answers}) == 1
+    assert sorted(p.name for p in (tmp_path / "store").iterdir()) == [
+        ".incoming", answers[0].json()["id"]]
+    assert not any((tmp_path / "store" / ".incoming").iterdir())
