@@ -61,10 +61,12 @@ class Session:
 
         def vision():
             with self.timers("vlm"), torch.inference_mode():
-                pixels = to_model_input(np.stack([frames[f] for f in plan.vlm]),
-                                        cfg.vlm_image_size, cfg.vlm_resize, rt.device,
-                                        rt.dtype)
-                return rt.backend.vision(pixels.view(-1, cfg.clip_frames, *pixels.shape[1:]))
+                step = cfg.clip_frames  # one clip at a time: full-size float copies of all
+                pixels = torch.cat([  # 64 frames would be the run's memory peak
+                    to_model_input(np.stack([frames[f] for f in plan.vlm[i : i + step]]),
+                                   cfg.vlm_image_size, cfg.vlm_resize, rt.device, rt.dtype)
+                    for i in range(0, len(plan.vlm), step)])
+                return rt.backend.vision(pixels.view(-1, step, *pixels.shape[1:]))
 
         def encode(chunk):
             with self.timers("image encoder"), torch.inference_mode():
