@@ -303,12 +303,28 @@ def create_app(runtime, config: ServeConfig, warm: bool = True, worker=None) -> 
         response = await call_next(request)
         route = request.scope.get("route")
         name = route.path if route is not None else "unmatched"
-        m.requests.labels(name, str(response.status_code)).inc()
-        m.latency.labels(name).observe(time.perf_counter() - start)
-        log.info(json.dumps({"request": request.state.id, "method": request.method,
-                             "route": name, "status": response.status_code,
-                             "seconds": round(time.perf_counter() - start, 4),
-                             **request.state.info}))
+
+        def record():
+            m.requests.labels(name, str(response.status_code)).inc()
+            m.latency.labels(name).observe(time.perf_counter() - start)
+            log.info(json.dumps({"request": request.state.id, "method": request.method,
+                                 "route": name, "status": response.status_code,
+                                 "seconds": round(time.perf_counter() - start, 4),
+                                 **request.state.info}))
+
+        if hasattr(response, "body_iterator"):  # latency and log once the body is sent
+            body = response.body_iterator
+
+            async def then_record():
+                try:
+                    async for chunk in body:
+                        yield chunk
+                finally:
+                    record()
+
+            response.body_iterator = then_record()
+        else:
+            record()
         response.headers["X-Request-Id"] = request.state.id
         return response
 

@@ -59,7 +59,10 @@ def videos(tmp_path_factory):
     return root, [e[0] for e in clip.expressions]
 
 
-def test_streamed_masks_equal_virst_segment(runtime, videos, tmp_path):
+def test_streamed_masks_equal_virst_segment(runtime, videos, tmp_path, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="virst.serve")
     root, texts = videos
     config = ServeConfig(store=tmp_path / "store")
     with serving(runtime, config, warm=True) as url:
@@ -75,6 +78,10 @@ def test_streamed_masks_equal_virst_segment(runtime, videos, tmp_path):
         metrics = httpx.get(f"{url}/metrics").text
         assert "virst_cache_hits_total 1.0" in metrics  # the second request reused features
         assert 'virst_stage_seconds_count{stage="propagation"}' in metrics
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "virst.serve"]
+    segments = [x for x in lines if x["route"].endswith("/segment")]
+    assert segments and all(x["frames"] > 0 and "propagation" in x["stages"] and x["video"]
+                            for x in segments)  # one line per request, logged once streamed
     res = subprocess.run([sys.executable, "-m", "virst.cli", "segment", str(root / "clip.mp4"),
                           *texts[:2], "-o", str(tmp_path / "cli")], capture_output=True,
                          text=True, timeout=300)
