@@ -106,8 +106,10 @@ def _load(spec: dict):
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
-def _one_run(target, spec: dict, video: Path, out: Path) -> tuple[float, dict, np.ndarray]:
-    """Seconds, stage seconds and masks (E, T, H, W) of one run writing PNG masks."""
+def _one_run(target, spec: dict, video: Path,
+             out: Path) -> tuple[float, dict, np.ndarray | None, int]:
+    """Seconds, stage seconds, masks (E, T, H, W; None unless `masks_out`) and frame count
+    of one run writing PNG masks."""
     import shutil
 
     from virst.media import load_video, save_masks
@@ -124,18 +126,34 @@ def _one_run(target, spec: dict, video: Path, out: Path) -> tuple[float, dict, n
             save_masks(m.astype(np.uint8), frames.names, out / str(e))
         stages = {"decode": t0 - start, "model": t1 - t0, "mask writing": time.perf_counter()
                   - t1}
-        return time.perf_counter() - start, stages, masks
+        return time.perf_counter() - start, stages, masks, masks.shape[1]
     from runtime.writer import MaskWriter
 
     session = target.session(video)
-    kept = []
+    kept, frames = [], 0
     with MaskWriter(texts, session.source.size, folder=out) as writer:
         for frame in session.segment(texts):
+            frames += 1
             t0 = time.perf_counter()
             writer.write(frame)
             session.timers.add("mask writing", time.perf_counter() - t0)
-            kept.append(frame.masks)
-    return time.perf_counter() - start, dict(session.timers.seconds), np.stack(kept, 1)
+            if spec.get("masks_out"):  # memory rows keep none: held masks would grow with T
+                kept.append(frame.masks)
+    masks = np.stack(kept, 1) if kept else None
+    return time.perf_counter() - start, dict(session.timers.seconds), masks, frames
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS. VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec,
+    so a worker would report the driver's size at the fork (measured: 2.1 GB for 1.0)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def worker(spec: dict) -> dict:
@@ -147,14 +165,14 @@ def worker(spec: dict) -> dict:
         warm = time.perf_counter() - start
         runs = [_one_run(target, spec, video, Path(tmp) / "masks") for _ in range(spec["runs"])]
     order = np.argsort([r[0] for r in runs])
-    seconds, stages, masks = runs[order[len(order) // 2]]
-    np.save(spec["masks_out"], masks)
-    frames = masks.shape[1]
+    seconds, stages, masks, frames = runs[order[len(order) // 2]]
+    if spec.get("masks_out"):
+        np.save(spec["masks_out"], masks)
     described = target.describe() if hasattr(target, "describe") else (
         f"reference VirstModel.segment, torch {spec['threads']} thread(s)")
     return {"fps": frames / seconds, "seconds": seconds, "all_seconds": [r[0] for r in runs],
             "stages": stages, "warmup_seconds": warm, "frames": frames,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_rss_mb": peak_rss_mb(),
             "describe": described}
 
 
@@ -275,7 +293,7 @@ def memory_rows(args, base, threads, backends, tmp) -> list[dict]:
         video = tmp / f"long-{n}.mp4"
         write_clip(shapes_clip(n, SIZES["576p"]), video)
         spec = {**base, "runs": 1, "path": backend, "threads": threads, "video": str(video),
-                "expressions": ["the white circle"], "masks_out": str(tmp / f"long-{n}.npy")}
+                "expressions": ["the white circle"], "masks_out": None}
         print(f"measuring memory: {n} frames 768x576, {backend} ...", file=sys.stderr)
         res = measure(spec)
         rows.append({"clip": f"memory {n}f", "label": f"{n} frames 768x576", "size": [576, 768],

@@ -1,0 +1,23 @@
+"""The benchmarks' own measurements (what their tables report must be the thing measured)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="VmHWM is Linux's")
+def test_worker_peak_rss_is_its_own_not_the_drivers():
+    """fps.py measures each configuration in a child process; Linux carries ru_maxrss
+    across exec, so a child spawned by a large driver reported the driver's size."""
+    held = np.ones(300 * 2**20 // 8)  # the driver holds 300 MB while it spawns the worker
+    code = "import json; from benchmarks.fps import peak_rss_mb; print(json.dumps(peak_rss_mb()))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                         text=True, check=True).stdout
+    assert held.sum() > 0
+    assert json.loads(out) < 250  # numpy + the module: well under the driver's 300 MB
