@@ -99,13 +99,16 @@ def start_server(args, store: Path, max_queue: int, ray_address: str | None):
            "--backend", args.backend]
     if ray_address:
         cmd += ["--ray", "--replicas", str(args.replicas), "--ray-address", ray_address]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
+    # The server's log goes to a file: a pipe nobody reads fills up (64 KB of request log
+    # lines) and blocks the server's event loop mid-run.
+    log = store.parent / f"server-{port}.log"
+    with open(log, "w") as sink:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 300
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stderr.read()[-2000:]}")
+            raise RuntimeError(f"server exited: {log.read_text()[-2000:]}")
         try:
             if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
                 return proc, url

@@ -48,14 +48,16 @@ def served(cluster, tmp_path_factory):
     address, env = cluster
     store = tmp_path_factory.mktemp("store")
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "virst.cli", "serve", "--ray", "--replicas",
-                             "2", "--ray-address", address, "--port", str(port), "--threads",
-                             "1", "--store", str(store)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    log = store.parent / "server.log"  # a file, not a pipe: an unread pipe blocks the server
+    with open(log, "w") as sink:
+        proc = subprocess.Popen([sys.executable, "-m", "virst.cli", "serve", "--ray",
+                                 "--replicas", "2", "--ray-address", address, "--port",
+                                 str(port), "--threads", "1", "--store", str(store)], env=env,
+                                stdout=sink, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 240
     while True:
-        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert proc.poll() is None, log.read_text()[-3000:]
         assert time.time() < deadline, "Ray Serve did not become ready"
         try:
             if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
