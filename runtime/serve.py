@@ -17,9 +17,11 @@ Several expressions share one pass; later requests on a video reuse its cached f
 from __future__ import annotations
 
 import asyncio
+import atexit
 import hmac
 import json
 import logging
+import logging.handlers
 import queue
 import time
 import uuid
@@ -45,6 +47,20 @@ from runtime.writer import frame_record
 from virst.errors import InputError, VideoError, VirstError
 
 log = logging.getLogger("virst.serve")
+
+
+def log_off_the_event_loop(handler: logging.Handler | None = None):
+    """Every log line goes through a queue to a listener thread (stderr by default): the
+    request log is written from the event loop, and a slow or unread stderr pipe must not
+    stall the server (measured: a full pipe froze one mid-run)."""
+    lines = queue.SimpleQueue()
+    listener = logging.handlers.QueueListener(lines, handler or logging.StreamHandler())
+    listener.start()
+    atexit.register(listener.stop)
+    root = logging.getLogger()
+    root.handlers = [logging.handlers.QueueHandler(lines)]
+    root.setLevel(logging.INFO)
+    return listener
 
 
 @dataclass

@@ -225,3 +225,39 @@ def test_the_same_video_uploaded_at_once_is_stored_once(runtime, videos, tmp_pat
     assert sorted(p.name for p in (tmp_path / "store").iterdir()) == [
         ".incoming", answers[0].json()["id"]]
     assert not any((tmp_path / "store" / ".incoming").iterdir())
+
+
+def test_a_blocked_log_sink_does_not_block_the_server_thread():
+    """The request log is written on the event loop; with `log_off_the_event_loop` a sink
+    that does not move (an unread stderr pipe) leaves logging calls instant, and every
+    line is written once the sink moves again."""
+    import atexit
+    import logging
+
+    from runtime.serve import log, log_off_the_event_loop
+
+    class Stuck(logging.Handler):
+        def __init__(self):
+            super().__init__()
+            self.moving, self.lines = threading.Event(), []
+
+        def emit(self, record):
+            self.moving.wait(30)
+            self.lines.append(record.getMessage())
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    sink = Stuck()
+    listener = log_off_the_event_loop(sink)
+    atexit.unregister(listener.stop)  # stopped here, not at exit
+    try:
+        start = time.perf_counter()
+        for i in range(200):
+            log.info(json.dumps({"request": i}))
+        assert time.perf_counter() - start < 2.0  # 200 calls, none waiting on the sink
+        sink.moving.set()
+    finally:
+        listener.stop()  # drains the queue
+        root.handlers = handlers
+        root.setLevel(level)
+    assert [json.loads(line)["request"] for line in sink.lines] == list(range(200))

@@ -59,9 +59,7 @@ def cmd_segment(args) -> None:
 
 def cmd_serve(args) -> None:
     """The runtime behind HTTP (runtime/serve.py); `--ray` deploys it on Ray Serve."""
-    import logging
-
-    from runtime.serve import ServeConfig, read_api_keys
+    from runtime.serve import ServeConfig, log_off_the_event_loop, read_api_keys
 
     config = ServeConfig(max_upload_mb=args.max_upload_mb, max_queue=args.max_queue,
                          deadline_s=args.deadline_s, sessions=args.sessions,
@@ -72,7 +70,7 @@ def cmd_serve(args) -> None:
         config.media_root = Path(args.media_root)
         if not config.media_root.is_dir():
             raise InputError(f"--media-root {args.media_root} is not a folder")
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    log_off_the_event_loop()
     runtime_args = dict(model=args.model, backend=args.backend, device=args.device,
                         precision=args.precision, artifacts=args.artifacts,
                         threads=args.threads)
