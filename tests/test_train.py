@@ -150,6 +150,9 @@ def test_resume_after_interrupt_reaches_the_same_parameters(tmp_path):
     assert a.keys() == b.keys() and not any("lora_" in k for k in a)  # merged when written
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert any("lora_" in k for k in resumed.model.state_dict())  # adapters while training
+    # the history of the interrupted stage covers its steps before the interruption too
+    assert [len(h["loss_curve"]) for h in resumed.history] == [2, 2]
+    assert resumed.history[1]["loss_curve"] == straight.history[1]["loss_curve"]
 
 
 def test_stage_schedule_and_click_prompts():

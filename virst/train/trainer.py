@@ -105,6 +105,7 @@ class Trainer:
         self.out = Path(cfg.out)
         self.ckpt = self.out / "checkpoint"
         self.history: list[dict] = []
+        self.losses: list[dict] = []  # this stage's, kept in the checkpoint for the history
         self.position = {"stage_index": 0, "step": 0, "seen": 0}
         self.seconds = 0.0
         self.checks: list[dict] = []  # prompt-following checks of the current stage
@@ -149,7 +150,8 @@ class Trainer:
         D.save_checkpoint(tmp / "shards", self.module, self.optimizer, self.world)
         if self.world.main:
             torch.save({"position": self.position, "scheduler": self.scheduler.state_dict(),
-                        "history": self.history, "seconds": self.seconds,
+                        "history": self.history, "losses": self.losses,
+                        "seconds": self.seconds,
                         "checks": self.checks, "config": asdict(self.cfg),
                         "world_size": self.world.size}, tmp / "state.pt")
             old = self.out / ".checkpoint.old"
@@ -168,6 +170,7 @@ class Trainer:
         state = torch.load(self.ckpt / "state.pt", weights_only=False)
         self.position, self.history = state["position"], state["history"]
         self.seconds, self.checks = state["seconds"], state.get("checks", [])
+        self.losses = state.get("losses", [])
         stage = self.cfg.stages[self.position["stage_index"]]
         self._begin_stage(stage)
         self._freeze_for_step(stage)
@@ -289,12 +292,11 @@ class Trainer:
             bar = tqdm(total=total_steps, initial=self.position["step"],
                        desc=f"stage {stage} ({STAGES[stage].name})",
                        disable=not self.world.main)
-            losses: list[dict] = []
             while self.position["step"] < total_steps:
                 start = time.perf_counter()
                 logged = self._step(stage)
                 self.seconds += time.perf_counter() - start
-                losses.append(logged)
+                self.losses.append(logged)
                 self.position["step"] += 1
                 done_now += 1
                 bar.update()
@@ -317,10 +319,10 @@ class Trainer:
             bar.close()
             self._stop_if_collapsed(stage, final_check)
             record = {"stage": stage, "name": STAGES[stage].name, "steps": total_steps,
-                      "final_losses": _mean(losses[-20:]), "train_seconds": self.seconds,
-                      "loss_curve": [round(x["loss"], 4) for x in losses],
+                      "final_losses": _mean(self.losses[-20:]), "train_seconds": self.seconds,
+                      "loss_curve": [round(x["loss"], 4) for x in self.losses],
                       "prompt_following": [c for c in [*self.checks, final_check] if c]}
-            self.checks = []
+            self.checks, self.losses = [], []
             if validate is not None and self.cfg.eval_videos > 0:
                 plain = self.plain_model()
                 if self.world.main:
