@@ -16,6 +16,7 @@ are set on purpose and printed; the machine is shared, so read ratios, not absol
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import resource
 import subprocess
@@ -281,8 +282,27 @@ def main(argv=None) -> int:
     report(rows, threads)
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows, "paper_fps": PAPER_FPS,
-                                               "threads": threads}, indent=2) + "\n")
+                                               "threads": threads, "machine": machine()},
+                                              indent=2) + "\n")
     return 0
+
+
+def machine() -> dict:
+    """Where and when the table was measured (a result file must say so itself)."""
+    import os
+    import platform
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                            capture_output=True, text=True).stdout.strip()
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        names = [line.split(":", 1)[1].strip()
+                 for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "cpu": cpu, "cores": os.cpu_count(),
+            "python": platform.python_version(), "commit": commit or None}
 
 
 def memory_rows(args, base, threads, backends, tmp) -> list[dict]:
