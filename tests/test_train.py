@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from virst.data.render import Shape, render
+from virst.errors import ConfigError
 from virst.model import VirstModel
 from virst.train import losses as L
 from virst.train.stages import STAGES, parameter_groups, set_trainable
@@ -153,6 +154,17 @@ def test_resume_after_interrupt_reaches_the_same_parameters(tmp_path):
     # the history of the interrupted stage covers its steps before the interruption too
     assert [len(h["loss_curve"]) for h in resumed.history] == [2, 2]
     assert resumed.history[1]["loss_curve"] == straight.history[1]["loss_curve"]
+
+
+def test_a_checkpoint_of_another_model_is_refused(tmp_path):
+    """The optimizer state may be partial on load (unused parameters have none); the
+    weights may not: a checkpoint that lacks some of them names the problem."""
+    kw = dict(stages=[1], steps={1: 2}, lr={1: 1e-3}, save_every=1)
+    _toy_trainer(tmp_path, **kw).run(stop_after=1)
+    other = _toy_trainer(tmp_path, **kw)
+    other.model.sam2.extra = torch.nn.Linear(2, 2)  # weights the checkpoint does not hold
+    with pytest.raises(ConfigError, match="does not hold 2 of this model's weights"):
+        other.run()
 
 
 def test_stage_schedule_and_click_prompts():

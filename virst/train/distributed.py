@@ -126,16 +126,15 @@ def wrap(model: nn.Module, strategy: str, world: World, *, bf16: bool = False) -
 
     if isinstance(model, FSDPModule):
         return model
+    if getattr(getattr(model, "config", None), "initial_seg_fusion", False):
+        raise ConfigError("FSDP2 with initial_seg_fusion on is not supported (its gate is a "
+                          "scalar parameter FSDP2 cannot shard); use --strategy ddp")
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
         if bf16 else MixedPrecisionPolicy()
     for block in blocks(model):
         fully_shard(block, mp_policy=policy)
-    # FSDP2 cannot shard 0-d parameters: InitialSegFusion's gate (the release's shape) stays
-    # whole on every rank; it trains only with stage-1 STF on, which is refused below
+    # FSDP2 cannot shard 0-d parameters: any left stay whole on every rank
     scalars = {p for p in model.parameters() if p.dim() == 0}
-    if getattr(getattr(model, "config", None), "initial_seg_fusion", False):
-        raise ConfigError("FSDP2 with initial_seg_fusion on is not supported (its gate is a "
-                          "scalar parameter FSDP2 cannot shard); use --strategy ddp")
     fully_shard(model, mp_policy=policy, ignored_params=scalars)
     return model
 
@@ -181,7 +180,7 @@ def barrier(world: World) -> None:
 # ---------------------------------------------------------------------- checkpoints
 
 
-def save_checkpoint(folder, module: nn.Module, optimizer, world: World) -> None:
+def save_checkpoint(folder, module: nn.Module, optimizer) -> None:
     """Model and optimizer state, sharded as they are, into `folder` (every rank writes its
     shards); `torch.distributed.checkpoint` reshards on load."""
     import torch.distributed.checkpoint as dcp
@@ -197,8 +196,13 @@ def load_checkpoint(folder, module: nn.Module, optimizer) -> None:
 
     model_state, optim_state = get_state_dict(module, optimizer)
     state = {"model": model_state, "optim": optim_state}
-    # partial: parameters that never had a gradient (unused ones) have no optimizer state
-    # in the checkpoint; the fresh optimizer's zero state stands for them
+    # partial, for the optimizer only: parameters that never had a gradient have no state
+    # in the checkpoint (the fresh optimizer's stands for them); every weight must be there
+    saved = dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+    missing = [k for k in model_state if f"model.{k}" not in saved]
+    if missing:
+        raise ConfigError(f"checkpoint {folder} does not hold {len(missing)} of this model's "
+                          f"weights (e.g. {missing[0]}): it was written by another model")
     dcp.load(state, checkpoint_id=str(folder),
              planner=dcp.DefaultLoadPlanner(allow_partial_load=True))
     set_state_dict(module, optimizer, model_state_dict=state["model"],

@@ -147,7 +147,7 @@ class Trainer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         D.barrier(self.world)
-        D.save_checkpoint(tmp / "shards", self.module, self.optimizer, self.world)
+        D.save_checkpoint(tmp / "shards", self.module, self.optimizer)
         if self.world.main:
             torch.save({"position": self.position, "scheduler": self.scheduler.state_dict(),
                         "history": self.history, "losses": self.losses,
