@@ -13,6 +13,7 @@ from virst.prompt import (
     build_prompt,
     build_word_tokenizer,
     load_tokenizer,
+    placeholder_tokenizer,
     tiny_words,
 )
 from virst.tome import ToMeProjector, bipartite_merge, merge_schedule
@@ -89,6 +90,15 @@ def test_shipped_tiny_tokenizer_is_reproducible_from_its_word_list():
     assert shipped.get_vocab() == rebuilt.get_vocab()
     assert shipped.token_to_id("[SEG]") == preset("tiny").seg_token_id
     assert shipped.get_vocab_size() <= preset("tiny").vocab_size
+
+
+def test_placeholder_tokenizer_gives_every_token_its_own_id():
+    """Random-weight presets without their tokenizer: [SEG] at the preset's id, no id
+    shared (a word on the <image> id would be read as a video token)."""
+    cfg = preset("virst-7b")
+    vocab = placeholder_tokenizer(cfg).get_vocab()
+    assert len(set(vocab.values())) == len(vocab)
+    assert vocab["[SEG]"] == cfg.seg_token_id and max(vocab.values()) < cfg.vocab_size
 
 
 @torch.no_grad()

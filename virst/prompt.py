@@ -8,6 +8,7 @@ short list (or of the long list when the expression ends with "?"), and the answ
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,8 +102,10 @@ def placeholder_tokenizer(cfg) -> Tokenizer:
     shape for a model of random weights whose real tokenizer is not at hand."""
     vocab = {tok: i for i, tok in enumerate(TINY_SPECIAL)}
     vocab[SEG_TOKEN] = cfg.seg_token_id
+    taken = set(vocab.values())
+    free = (i for i in itertools.count() if i not in taken)  # no id given twice
     for word in sorted(set(tiny_words()) - set(vocab)):
-        vocab[word] = len(vocab) - 1  # ids below the [SEG] id, none repeated
+        vocab[word] = next(free)
     tok = Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
