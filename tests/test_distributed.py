@@ -3,6 +3,7 @@ LLM): DDP and FSDP2 reach the parameters of one process with gradient accumulati
 the same samples; a 2-rank sharded checkpoint resumes on 1 rank and on 2 ranks to the
 parameters of an uninterrupted run; the merged final folder loads with from_pretrained."""
 
+import os
 import shutil
 import socket
 import subprocess
@@ -33,15 +34,9 @@ def train(out, *extra, ranks: int = 1):
                "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m",
                "virst.train"]
     res = subprocess.run([*cmd, *COMMON, "-o", str(out), *extra], capture_output=True,
-                         text=True, timeout=600, env={"OMP_NUM_THREADS": "1", **_env()})
+                         text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-3000:]
     return res
-
-
-def _env():
-    import os
-
-    return {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
 
 
 def weights(out):

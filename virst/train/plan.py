@@ -20,6 +20,7 @@ from virst.train.stages import LORA_RANK, LORA_TARGETS, parameter_groups
 
 GB = 1024**3
 ANSWER_TOKENS = 64  # the assistant's answer with its [SEG] tokens
+TEXT_TOKENS = 113  # assumed: chat template, instruction and expression around the video
 
 
 @dataclass
@@ -42,7 +43,7 @@ def lora_params(model: VirstModel) -> int:
 
 def activation_blocks(model: VirstModel) -> list[Block]:
     cfg = model.config
-    llm_tokens = 113 + cfg.tokens_per_frame * cfg.max_vlm_frames + ANSWER_TOKENS
+    llm_tokens = TEXT_TOKENS + cfg.tokens_per_frame * cfg.max_vlm_frames + ANSWER_TOKENS
     clips = cfg.max_vlm_frames // cfg.clip_frames
     umt_tokens = clips * cfg.clip_frames * cfg.umt_grid**2
     out = [Block("Qwen2 layers", cfg.llm_layers, llm_tokens, cfg.llm_hidden,
