@@ -311,38 +311,43 @@ def create_app(runtime, config: ServeConfig, warm: bool = True, worker=None) -> 
             raise HTTPException(401, "missing or invalid API key",
                                 headers={"WWW-Authenticate": "Bearer"})
 
-    @app.middleware("http")
-    async def observe(request: Request, call_next):
-        request.state.id = uuid.uuid4().hex[:12]
-        request.state.info = {}
-        start = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        name = route.path if route is not None else "unmatched"
+    def observe(app):  # starlette builds middleware as cls(app=...) or cls(app)
+        """Request id, metrics and the JSON log line of every request, once its body is sent
+        or the client has gone. Plain ASGI (it wraps `send`): a wrapper around a streamed
+        body's iterator is closed only by the garbage collector when the client leaves, and
+        the work it feeds kept its slot until then."""
 
-        def record():
-            m.requests.labels(name, str(response.status_code)).inc()
-            m.latency.labels(name).observe(time.perf_counter() - start)
-            log.info(json.dumps({"request": request.state.id, "method": request.method,
-                                 "route": name, "status": response.status_code,
-                                 "seconds": round(time.perf_counter() - start, 4),
-                                 **request.state.info}))
+        async def app_with_observation(scope, receive, send):
+            if scope["type"] != "http":
+                return await app(scope, receive, send)
+            request_id = uuid.uuid4().hex[:12]
+            scope.setdefault("state", {}).update(id=request_id, info={})
+            start, status = time.perf_counter(), 500
 
-        if hasattr(response, "body_iterator"):  # latency and log once the body is sent
-            body = response.body_iterator
+            async def send_with_id(message):
+                nonlocal status
+                if message["type"] == "http.response.start":
+                    status = message["status"]
+                    message["headers"] = [*message.get("headers", []),
+                                          (b"x-request-id", request_id.encode())]
+                await send(message)
 
-            async def then_record():
-                try:
-                    async for chunk in body:
-                        yield chunk
-                finally:
-                    record()
+            try:
+                await app(scope, receive, send_with_id)
+            finally:
+                route = scope.get("route")
+                name = route.path if route is not None else "unmatched"
+                seconds = time.perf_counter() - start
+                m.requests.labels(name, str(status)).inc()
+                m.latency.labels(name).observe(seconds)
+                log.info(json.dumps({"request": request_id, "method": scope["method"],
+                                     "route": name, "status": status,
+                                     "seconds": round(seconds, 4),
+                                     **scope["state"]["info"]}))
 
-            response.body_iterator = then_record()
-        else:
-            record()
-        response.headers["X-Request-Id"] = request.state.id
-        return response
+        return app_with_observation
+
+    app.add_middleware(observe)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):

@@ -194,7 +194,9 @@ def test_api_keys_are_required_and_uploads_survive_a_restart(runtime, videos, tm
         assert httpx.get(f"{url}/v1/videos/x").status_code == 401
         bad = httpx.get(f"{url}/v1/videos/x", headers={"Authorization": "Bearer nope"})
         assert bad.status_code == 401 and "API key" in bad.json()["error"]
-        assert httpx.get(f"{url}/healthz").status_code == 200  # probes need no key
+        probe = httpx.get(f"{url}/healthz")
+        assert probe.status_code == 200  # probes need no key
+        assert len(probe.headers["x-request-id"]) == 12
         vid = Client(url, "secret-two").upload(root / "clip.mp4")["id"]
     with serving(runtime, config) as url:  # a new server on the same store
         client = Client(url, "secret-one")
