@@ -45,10 +45,37 @@ def test_bce_dice_iou_token_occlusion_values():
     parts = {k: torch.tensor(1.0) for k in release}
     assert L.total(parts).item() == pytest.approx(3.1)  # the paper's weights
     assert L.total({**parts, "expression": torch.tensor(1.0)}).item() == pytest.approx(4.1)
+    assert L.total({**parts, "grounding": torch.tensor(1.0)}).item() == pytest.approx(4.1)
     logits = torch.tensor([0.0, 5.0, 5.0, 0.0])  # the expression's words are 1 and 2
     low = L.expression_words(logits, [1, 2]).item()
     assert low < L.expression_words(logits, [0, 3]).item()
     assert low == pytest.approx(-torch.log_softmax(logits, 0)[1].item())
+
+
+def test_grounding_rewards_attention_on_the_target_cells_of_the_query_frame():
+    """2 frames, grid 2 (4 cells), 1 head, 1 query token: the target sits in cell 3 of
+    frame 0 and cell 0 of frame 1; frames without it are not scored."""
+    target = torch.zeros(2, 8, 8)
+    target[0, 5:, 5:] = 1
+    target[1, :2, :2] = 1
+
+    def attention(cells_per_frame):  # one key per (query frame, chosen cell)
+        a = torch.zeros(1, 1, 2, 8)
+        for t, cell in enumerate(cells_per_frame):
+            a[0, 0, t, cell] = 1.0
+        return a
+
+    right = L.grounding(attention([3, 4 + 0]), target, grid=2).item()
+    assert right == pytest.approx(0.0, abs=1e-6)
+    other_frame = L.grounding(attention([4 + 3, 0]), target, grid=2).item()  # frame 1's cell
+    assert other_frame == pytest.approx(-math.log(1e-6), rel=1e-3)
+    uniform = L.grounding(torch.full((1, 1, 2, 8), 1 / 8), target, grid=2).item()
+    assert uniform == pytest.approx(math.log(8))
+    absent = target.clone()
+    absent[1] = 0
+    assert L.grounding(torch.full((1, 1, 2, 8), 1 / 8), absent, grid=2).item() == (
+        pytest.approx(math.log(8)))  # frame 1 dropped, frame 0 unchanged
+    assert L.grounding(torch.full((1, 1, 2, 8), 1 / 8), target * 0, grid=2).item() == 0
 
 
 def test_frame_losses_train_the_chosen_candidate_and_skip_absent_frames():
@@ -242,3 +269,13 @@ def test_prompt_phase_lowers_click_agreement_and_the_collapse_detector_fires(tmp
     good.run()
     check = good.history[0]["prompt_following"][-1]
     assert check["click_agreement"] < 0.8 and check["click_iou"] > before["click_iou"] + 0.2
+
+
+def test_stage_losses_average_over_the_steps_that_have_them():
+    """Click steps of stages 2-3 carry no expression losses; a stage whose last 20 steps
+    begin with an expression step must still be recorded (it raised KeyError)."""
+    from virst.train.trainer import _mean
+
+    rows = [{"loss": 1.0, "expression": 2.0}, {"loss": 3.0}, {"loss": 5.0, "expression": 4.0}]
+    assert _mean(rows) == {"loss": 3.0, "expression": 3.0}
+    assert _mean([]) == {}

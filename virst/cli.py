@@ -224,7 +224,8 @@ def cmd_train(args) -> None:
                       accumulate=args.accumulate, eval_videos=args.eval_videos,
                       save_every=args.save_every, propagate_every=args.propagate_every,
                       points_every=args.points_every, prompt_init=not args.init,
-                      read_expression=not args.init,
+                      scratch_losses=(not args.init if args.scratch_losses is None
+                                      else args.scratch_losses),
                       check_every=args.check_every, check_videos=args.check_videos,
                       strategy=args.strategy, checkpointing=args.checkpointing)
     for stage, steps in zip(stages, args.steps or []):
@@ -399,6 +400,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="learning rate per stage, comma-separated in stage order")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a preset config field (repeatable)")
+    p.add_argument("--scratch-losses", action=argparse.BooleanOptionalAction,
+                   help="the expression and grounding losses, for an LLM and STF trained from "
+                   "scratch (default: on without --init)")
     p.add_argument("--propagate-every", type=int, default=2,
                    help="stage 0: every n-th sample trains propagation from clicks")
     p.add_argument("--points-every", type=int, default=4,

@@ -164,12 +164,12 @@ class VirstModel(nn.Module):
         load_checked(model, state, source=str(folder / WEIGHTS))
         return model.to(device).eval()
 
-    def forward(self, sample, mode: str, read_expression: bool = False) -> dict:
+    def forward(self, sample, mode: str, scratch_losses: bool = False) -> dict:
         """One training sample's losses (`virst.train.step.forward_losses`): the call DDP
         and FSDP2 wrap, so that their hooks see every training forward."""
         from virst.train.step import forward_losses
 
-        return forward_losses(self, sample, mode, read_expression)
+        return forward_losses(self, sample, mode, scratch_losses)
 
     # ---------------------------------------------------------------------- inference
     @property

@@ -138,12 +138,13 @@ class RotaryCrossAttention(nn.Module):
         return x.view(b, s, self.nhead, self.head_dim).transpose(1, 2)
 
     def forward(self, query, memory, frames: int, key_padding_mask=None,
-                return_frame_score=False):
+                return_frame_score=False, return_probs=False):
         """(B, N*T, C) queries, (B, T*g*g, C) memory -> output and, if asked, the frame
-        score (B, T): attention mass per frame, mean over heads, queries and grid cells."""
+        score (B, T): attention mass per frame, mean over heads, queries and grid cells;
+        or with `return_probs` the attention itself, (B, heads, N*T, T*g*g) (training)."""
         q, k, v = (self._heads(p(x)) for p, x in
                    ((self.q_proj, query), (self.k_proj, memory), (self.v_proj, memory)))
-        if _use_kernel(q, k, v):
+        if not return_probs and _use_kernel(q, k, v):
             from kernels.stf_attention import stf_cross_attention
 
             res = stf_cross_attention(q, k, v, frames, grid_hw=self.rope.grid,
@@ -152,7 +153,7 @@ class RotaryCrossAttention(nn.Module):
             out, score = res if return_frame_score else (res, None)
         else:
             out, probs = self.reference(q, k, v, frames, q.shape[2] // frames, key_padding_mask)
-            score = None
+            score = probs if return_probs else None
             if return_frame_score:
                 b, h, s_q, s_k = probs.shape
                 score = probs.view(b, h, s_q, frames, s_k // frames).mean(dim=(1, 2, 4))
@@ -180,10 +181,12 @@ class SegPrompterLayer(nn.Module):
         self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(dim) for _ in range(3))
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x, memory, frames, query_padding_mask=None, return_frame_score=False):
+    def forward(self, x, memory, frames, query_padding_mask=None, return_frame_score=False,
+                return_probs=False):
         sa, _ = self.self_attn(x, x, x, key_padding_mask=query_padding_mask, need_weights=False)
         x = self.norm1(x + self.dropout(sa))
-        ca, score = self.cross_attn(x, memory, frames, return_frame_score=return_frame_score)
+        ca, score = self.cross_attn(x, memory, frames, return_frame_score=return_frame_score,
+                                    return_probs=return_probs)
         x = self.norm2(x + self.dropout(ca))
         x = self.norm3(x + self.dropout(self.ff(x)))
         return x, score
@@ -193,7 +196,9 @@ class SegPrompter(nn.Module):
     """[SEG] hidden states (B, N, in_dim) + SAM2 features (B, T, C, H, W) -> (B, N, T, C).
 
     One prompt of N tokens per segmentation frame. `return_frame_score` also gives the
-    last layer's attention mass per frame, (B, T) (sums to 1 / grid^2; unused at inference).
+    last layer's attention mass per frame, (B, T) (sums to 1 / grid^2; unused at inference);
+    `return_attention` the last layer's attention, (B, heads, N*T, T*g*g) (the grounding
+    loss, train/losses.py).
     """
 
     def __init__(self, in_dim: int, token_dim: int = 256, grid_hw: int = 8, nhead: int = 8,
@@ -208,7 +213,8 @@ class SegPrompter(nn.Module):
             SegPrompterLayer(token_dim, nhead, grid_hw) for _ in range(n_layers)
         )
 
-    def forward(self, seg_token, image_token, seg_mask=None, return_frame_score=False):
+    def forward(self, seg_token, image_token, seg_mask=None, return_frame_score=False,
+                return_attention=False):
         b, n, _ = seg_token.shape
         t = image_token.shape[1]
         if image_token.shape[0] != b or image_token.shape[2] != self.token_dim:
@@ -225,9 +231,10 @@ class SegPrompter(nn.Module):
         score = None
         for i, layer in enumerate(self.decoder):
             last = i == len(self.decoder) - 1
-            x, score = layer(x, memory, t, pad, return_frame_score=return_frame_score and last)
+            x, score = layer(x, memory, t, pad, return_frame_score=return_frame_score and last,
+                             return_probs=return_attention and last)
         out = x.view(b, n, t, self.token_dim)
-        return (out, score) if return_frame_score else out
+        return (out, score) if return_frame_score or return_attention else out
 
 
 # -------------------------------------------------------------------- InitialSegFusion

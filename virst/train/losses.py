@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 WEIGHTS = {"bce": 1.0, "dice": 1.0, "token": 1.0, "occlusion": 0.05, "iou": 0.05,
-           "expression": 1.0}  # the last: ours, from-scratch models only (see below)
+           "expression": 1.0, "grounding": 1.0}  # the last two: ours, from-scratch models only
 IGNORE = -100
 
 
@@ -89,6 +89,26 @@ def expression_words(seg_logits: torch.Tensor, word_ids: list[int]) -> torch.Ten
     1.0000 after 1000 steps) and no mask loss can reach the expression through them."""
     logp = seg_logits.float().log_softmax(-1)
     return -logp[torch.tensor(word_ids, device=logp.device)].mean()
+
+
+def grounding(attention: torch.Tensor, target: torch.Tensor, grid: int) -> torch.Tensor:
+    """Ours, for STF trained from scratch: each STF query of frame t must attend to the grid
+    cells of frame t that hold the target. `attention` (1, heads, N*T, T*grid^2) is the last
+    cross-attention layer's (queries n-major, keys t-major), `target` (T, H, W) the masks.
+    -log(attention mass on the target's cells), mean over heads, queries and the frames that
+    show the target. Without it the mask loss, through a decoder that follows clicks, moved
+    the STF prompt towards the named object too slowly: masks of different expressions
+    agreed 0.93 after 2200 steps (MODEL_CARD.md)."""
+    frames = target.shape[0]
+    heads, rows, _ = attention.shape[1:]
+    probs = attention[0].reshape(heads, rows // frames, frames, frames, grid * grid)
+    same = torch.diagonal(probs, dim1=2, dim2=3).transpose(-1, -2)  # (heads, N, T, g*g)
+    cells = F.adaptive_avg_pool2d(target[:, None].float(), grid)[:, 0].flatten(1) > 0
+    shown = cells.any(-1)
+    if not bool(shown.any()):
+        return attention.sum() * 0
+    mass = (same * cells).sum(-1)[:, :, shown]
+    return -mass.float().clamp_min(1e-6).log().mean()
 
 
 def total(parts: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -20,7 +20,7 @@ from virst.tdau import (
     encode_batch,
     propagate,
 )
-from virst.train.losses import IGNORE, expression_words, frame_losses
+from virst.train.losses import IGNORE, expression_words, frame_losses, grounding
 
 
 @dataclass
@@ -164,7 +164,7 @@ CLICK_FRAMES = 2  # frames of one video per click sample: batches mix several vi
 
 
 def forward_losses(model: VirstModel, sample: Sample, mode: str,
-                   read_expression: bool = False) -> dict[str, torch.Tensor]:
+                   scratch_losses: bool = False) -> dict[str, torch.Tensor]:
     """Mean losses over the sample: bce, dice, iou (frames with the object), occlusion (all
     supervised frames) and token (the answer text; expression modes only).
 
@@ -172,8 +172,8 @@ def forward_losses(model: VirstModel, sample: Sample, mode: str,
     from its STF prompt), "propagate" (3 random anchors, SAM2 memory over the frames
     around them). Click modes (SAM2 alone, its own training in miniature): "clicks" (a
     random object per frame, a click and a corrective click), "click_propagate" (one
-    object clicked on 3 random anchors, propagated). `read_expression` adds the
-    "expression" loss (losses.expression_words) for language models trained from scratch."""
+    object clicked on 3 random anchors, propagated). `scratch_losses` adds the "expression"
+    and "grounding" losses (losses.py) for a language model and STF trained from scratch."""
     cfg, device = model.config, model.device
     rng = np.random.default_rng(sample.seed)
     plan = plan_frames(len(sample.frames), cfg, seed=sample.seed)
@@ -184,8 +184,8 @@ def forward_losses(model: VirstModel, sample: Sample, mode: str,
         sample.frames[seg], cfg.sam_image_size, cfg.sam_resize, device))
     size = cfg.sam_image_size
     parts: dict[str, list] = {k: [] for k in ("bce", "dice", "iou", "occlusion", "token")}
-    if read_expression and mode not in CLICK_MODES:
-        parts["expression"] = []
+    if scratch_losses and mode not in CLICK_MODES:
+        parts["expression"], parts["grounding"] = [], []
     zero = feats.vision[-1].sum() * 0
     if mode in CLICK_MODES:
         objects = sample.click_targets()
@@ -226,7 +226,13 @@ def forward_losses(model: VirstModel, sample: Sample, mode: str,
                                            add_special_tokens=False).ids
             seg_logits = model.vlm.lm_head(hidden[e, positions[e]].mean(0))
             parts["expression"].append(expression_words(seg_logits, sorted(set(words))))
-        prompt_tokens = model.seg_prompter(hidden[e : e + 1, positions[e]], level2)
+        seg_hidden = hidden[e : e + 1, positions[e]]
+        if scratch_losses:
+            prompt_tokens, attention = model.seg_prompter(seg_hidden, level2,
+                                                          return_attention=True)
+            parts["grounding"].append(grounding(attention, target, cfg.stf_grid))
+        else:
+            prompt_tokens = model.seg_prompter(seg_hidden, level2)
         if mode == "anchors":
             heads = _split(anchor_heads(model.sam2, feats, prompt_tokens[0].transpose(0, 1)))
             _accumulate(parts, heads, target, size)

@@ -64,7 +64,8 @@ class TrainConfig:
     propagate_every: int = 2  # stage 0: every n-th step trains propagation from clicks
     points_every: int = 4  # stages 2-3: every n-th sample trains SAM2 clicks (0: never)
     prompt_init: bool = False  # from scratch: decoder cross-attention k = q (sam2_model.py)
-    read_expression: bool = False  # from scratch: the "expression" loss (train/losses.py)
+    # from scratch: the "expression" and "grounding" losses (train/losses.py)
+    scratch_losses: bool = False
     # stage 0 trains the mask decoder on a frozen (random) image encoder first, until a
     # prompt-following check shows click agreement below `follows_agreement` (or for at most
     # `decoder_first` steps): trained together from step 0, or unfrozen before the decoder
@@ -215,7 +216,7 @@ class Trainer:
             torch.manual_seed(self.cfg.seed * 1_000_003 + index)  # this sample's dropout
             with D.gradient_sync(self.module, i == len(mine) - 1), torch.autocast(
                     device.type, dtype=torch.bfloat16, enabled=self._bf16()):
-                parts = self.module(sample, mode, self.cfg.read_expression)
+                parts = self.module(sample, mode, self.cfg.scratch_losses)
                 loss = total(parts) / len(mine)
                 loss.backward()
             for k, v in parts.items():
@@ -344,6 +345,7 @@ class Trainer:
 
 
 def _mean(rows: list[dict]) -> dict[str, float]:
-    if not rows:
-        return {}
-    return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+    """Per loss, the mean over the rows that have it (click steps have no expression
+    losses)."""
+    keys = dict.fromkeys(k for r in rows for k in r)
+    return {k: float(np.mean([r[k] for r in rows if k in r])) for k in keys}
