@@ -279,3 +279,15 @@ def test_stage_losses_average_over_the_steps_that_have_them():
     rows = [{"loss": 1.0, "expression": 2.0}, {"loss": 3.0}, {"loss": 5.0, "expression": 4.0}]
     assert _mean(rows) == {"loss": 3.0, "expression": 3.0}
     assert _mean([]) == {}
+
+
+def test_scratch_losses_train_stf_to_look_at_the_target(tmp_path):
+    """Stage 1 with the expression and grounding losses: both are logged on every step and
+    the grounding loss (STF attention on the target's cells) falls on the toy sample."""
+    trainer = _toy_trainer(tmp_path, stages=[1], steps={1: 20}, lr={1: 2e-3}, save_every=100,
+                           scratch_losses=True)
+    trainer.run(stop_after=8)  # an interrupted stage keeps its per-step losses
+    assert len(trainer.losses) == 8
+    grounding = [r["grounding"] for r in trainer.losses]
+    assert all("expression" in r for r in trainer.losses)
+    assert np.mean(grounding[-2:]) < np.mean(grounding[:2]), grounding
