@@ -54,6 +54,23 @@ def test_save_and_load_give_identical_outputs(tiny, clip, tmp_path):
     assert np.array_equal(a, b)
 
 
+def test_a_changed_config_field_restarts_only_the_parts_it_reshapes(tiny, tmp_path):
+    """`virst train --init F --set stf_grid=...`: STF's downsampler changes depth, so STF
+    (and the unused initial fusion, built with the same grid) start fresh; SAM2 and the
+    VLM load unchanged."""
+    tiny.save_pretrained(tmp_path / "m")
+    grid = 8 if tiny.config.stf_grid != 8 else 4
+    changed, fresh = VirstModel.from_pretrained_changed(tmp_path / "m", stf_grid=grid)
+    assert changed.config.stf_grid == grid
+    assert fresh == ["initial_seg_fusion", "seg_prompter"]
+    old, new = tiny.state_dict(), changed.state_dict()
+    assert all(torch.equal(old[k], v) for k, v in new.items() if k.startswith(("sam2.", "vlm.")))
+    assert not torch.equal(old["seg_prompter.seg_proj.weight"],
+                           new["seg_prompter.seg_proj.weight"])
+    same, nothing = VirstModel.from_pretrained_changed(tmp_path / "m")
+    assert nothing == [] and all(torch.equal(old[k], v) for k, v in same.state_dict().items())
+
+
 def test_checkpoint_problems_name_the_tensors(tiny, tmp_path):
     tiny.save_pretrained(tmp_path / "m")
     weights = tmp_path / "m" / "model.safetensors"

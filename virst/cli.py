@@ -235,9 +235,16 @@ def cmd_train(args) -> None:
     overrides = dict(_config_value(kv) for kv in args.set or [])
     world = D.init_world(D.device_for(D.World(), args.device))
     device = D.device_for(world, args.device)
-    model = (VirstModel.from_pretrained(args.init, device) if args.init
-             else VirstModel.from_preset(args.preset, seed=args.seed, device=device,
-                                         **overrides))
+    if args.init and overrides:  # e.g. a finer STF grid on a trained model: STF starts fresh
+        model, fresh = VirstModel.from_pretrained_changed(args.init, device, args.seed,
+                                                          **overrides)
+        if world.main:
+            print(f"{args.init} with {overrides}: {', '.join(fresh) or 'no part'} "
+                  f"start(s) fresh")
+    elif args.init:
+        model = VirstModel.from_pretrained(args.init, device)
+    else:
+        model = VirstModel.from_preset(args.preset, seed=args.seed, device=device, **overrides)
     val_root = Path(args.output) / "shapes"
 
     def validate(model, stage):
@@ -399,7 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=lambda s: [float(x) for x in s.split(",")],
                    help="learning rate per stage, comma-separated in stage order")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override a preset config field (repeatable)")
+                   help="override a config field of the preset, or of the --init model (tensors "
+                   "the change reshapes start fresh; repeatable)")
     p.add_argument("--scratch-losses", action=argparse.BooleanOptionalAction,
                    help="the expression and grounding losses, for an LLM and STF trained from "
                    "scratch (default: on without --init)")

@@ -153,6 +153,13 @@ class VirstModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, device: str | torch.device = "cpu") -> VirstModel:
+        cfg, tokenizer, state = cls._read_folder(folder, device)
+        model = cls(cfg, tokenizer)
+        load_checked(model, state, source=str(Path(folder) / WEIGHTS))
+        return model.to(device).eval()
+
+    @classmethod
+    def _read_folder(cls, folder, device):
         folder = cls.check_folder(folder)
         cfg = VirstConfig.load(folder / CONFIG)
         tokenizer = load_tokenizer(folder) if (folder / TOKENIZER).is_file() else None
@@ -160,9 +167,28 @@ class VirstModel(nn.Module):
             state = load_file(str(folder / WEIGHTS), device=str(device))
         except (SafetensorError, OSError) as err:
             raise CheckpointError(f"cannot read {folder / WEIGHTS}: {err}") from err
-        model = cls(cfg, tokenizer)
-        load_checked(model, state, source=str(folder / WEIGHTS))
-        return model.to(device).eval()
+        return cfg, tokenizer, state
+
+    @classmethod
+    def from_pretrained_changed(cls, folder: str | Path, device: str | torch.device = "cpu",
+                                seed: int = 0, **changes) -> tuple[VirstModel, list[str]]:
+        """The folder's model with config fields changed (`virst train --init F --set K=V`):
+        a part (seg_prompter, sam2, ...) whose tensors the change reshapes, adds or removes
+        starts fresh as a whole; the others load. Returns the model and the fresh parts
+        (refused when every part changed)."""
+        cfg, tokenizer, state = cls._read_folder(folder, device)
+        with torch.random.fork_rng(devices=[]), torch.device(device):
+            torch.manual_seed(seed)
+            model = cls(cfg.replace(**changes), tokenizer)
+        expected = model.state_dict()
+        changed = {k for k in set(expected) ^ set(state)}
+        changed |= {k for k, v in expected.items() if k in state and state[k].shape != v.shape}
+        fresh = sorted({k.split(".")[0] for k in changed})
+        kept = {k: v for k, v in state.items() if k.split(".")[0] not in fresh}
+        if not kept:
+            raise CheckpointError(f"{folder}: no part of the model survives {changes}")
+        model.load_state_dict(kept, strict=False)
+        return model.to(device).eval(), fresh
 
     def forward(self, sample, mode: str, scratch_losses: bool = False) -> dict:
         """One training sample's losses (`virst.train.step.forward_losses`): the call DDP
