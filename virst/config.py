@@ -178,7 +178,7 @@ _PRESETS: dict[str, dict] = {
         hiera_global_blocks=(4,), hiera_window_spec=(8, 4, 8, 4), hiera_pos_bkg=(4, 4),
         sam_dim=64, sam_decoder_heads=2, mem_dim=16, mem_attn_layers=2, mem_attn_ffn=256,
         mem_fuser_layers=1,
-        stf_grid=4, stf_heads=2, fusion_heads=4,
+        stf_grid=8, stf_heads=2, fusion_heads=4,
     ),
 }
 
