@@ -67,6 +67,10 @@ def test_a_changed_config_field_restarts_only_the_parts_it_reshapes(tiny, tmp_pa
     assert all(torch.equal(old[k], v) for k, v in new.items() if k.startswith(("sam2.", "vlm.")))
     assert not torch.equal(old["seg_prompter.seg_proj.weight"],
                            new["seg_prompter.seg_proj.weight"])
+    with pytest.raises(ConfigError, match="unknown config fields: stf_grdi"):
+        VirstModel.from_pretrained_changed(tmp_path / "m", stf_grdi=8)
+    with pytest.raises(ConfigError, match="inconsistent"):
+        VirstModel.from_pretrained_changed(tmp_path / "m", stf_grid=5)
     same, nothing = VirstModel.from_pretrained_changed(tmp_path / "m")
     assert nothing == [] and all(torch.equal(old[k], v) for k, v in same.state_dict().items())
 

@@ -164,7 +164,8 @@ class VirstConfig:
             raise ConfigError(f"cannot read config {path}: {err}") from err
 
     def replace(self, **changes) -> VirstConfig:
-        return dataclasses.replace(self, **changes)
+        """A copy with `changes`; unknown fields and inconsistent values are refused by name."""
+        return type(self).from_dict({**self.to_dict(), **changes})
 
 
 # Only the numbers that differ from the official model.

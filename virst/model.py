@@ -181,7 +181,7 @@ class VirstModel(nn.Module):
             torch.manual_seed(seed)
             model = cls(cfg.replace(**changes), tokenizer)
         expected = model.state_dict()
-        changed = {k for k in set(expected) ^ set(state)}
+        changed = set(expected) ^ set(state)
         changed |= {k for k, v in expected.items() if k in state and state[k].shape != v.shape}
         fresh = sorted({k.split(".")[0] for k in changed})
         kept = {k: v for k, v in state.items() if k.split(".")[0] not in fresh}

@@ -97,8 +97,9 @@ def grounding(attention: torch.Tensor, target: torch.Tensor, grid: int) -> torch
     cross-attention layer's (queries n-major, keys t-major), `target` (T, H, W) the masks.
     -log(attention mass on the target's cells), mean over heads, queries and the frames that
     show the target. Without it the mask loss, through a decoder that follows clicks, moved
-    the STF prompt towards the named object too slowly: masks of different expressions
-    agreed 0.93 after 2200 steps (MODEL_CARD.md)."""
+    the STF prompt towards the named object too slowly (masks of different expressions
+    agreed 0.93 after 2200 steps). It needs grid cells no larger than the objects: on a
+    4 x 4 grid over shapes it taught "look at the objects", not the named one (MODEL_CARD.md)."""
     frames = target.shape[0]
     heads, rows, _ = attention.shape[1:]
     probs = attention[0].reshape(heads, rows // frames, frames, frames, grid * grid)
