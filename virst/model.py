@@ -119,9 +119,14 @@ class VirstModel(nn.Module):
         cfg = preset(name, **overrides)
         tokenizer = (load_tokenizer(TINY_TOKENIZER_DIR) if cfg.preset == "tiny"
                      else placeholder_tokenizer(cfg))
+        return cls._seeded(cfg, tokenizer, seed, device).eval()
+
+    @classmethod
+    def _seeded(cls, cfg, tokenizer, seed: int, device) -> VirstModel:
+        """Built on `device` from `seed`, leaving the caller's random state as it was."""
         with torch.random.fork_rng(devices=[]), torch.device(device):
             torch.manual_seed(seed)
-            return cls(cfg, tokenizer).eval()
+            return cls(cfg, tokenizer)
 
     def save_pretrained(self, folder: str | Path) -> None:
         """config.json + model.safetensors (+ tokenizer.json), replaced as a whole."""
@@ -177,9 +182,7 @@ class VirstModel(nn.Module):
         starts fresh as a whole; the others load. Returns the model and the fresh parts
         (refused when every part changed)."""
         cfg, tokenizer, state = cls._read_folder(folder, device)
-        with torch.random.fork_rng(devices=[]), torch.device(device):
-            torch.manual_seed(seed)
-            model = cls(cfg.replace(**changes), tokenizer)
+        model = cls._seeded(cfg.replace(**changes), tokenizer, seed, device)
         expected = model.state_dict()
         changed = set(expected) ^ set(state)
         changed |= {k for k, v in expected.items() if k in state and state[k].shape != v.shape}
