@@ -96,3 +96,26 @@ def test_cli_eval_runs_the_tiny_model_end_to_end(tmp_path):
     pngs = list((tmp_path / "out" / "pred").rglob("*.png"))
     assert len(pngs) == sum(len(open_dataset("shapes", tmp_path / "shapes").expressions[i].frames)
                             for i in range(n))
+
+
+def test_tracking_check_sees_what_the_click_check_cannot():
+    """`track_following` scores the frames SAM2's memory propagates a click to. On held-out
+    shapes clips the shipped default model follows a click on the clicked frame (masks of
+    clicks on different objects agree < 0.3) while its tracked frames give every object the
+    same mask (agreement > 0.9; MODEL_CARD.md, "Tracking"). A check that scored the clicked
+    frame, or tracked one object for all, could not show this gap. Update the bounds when a
+    default model that tracks ships."""
+    import torch
+
+    from virst.cli import load_model
+    from virst.eval.prompting import click_following, shapes_clips, track_following
+
+    torch.manual_seed(0)
+    model = load_model(None)
+    clips = shapes_clips(4, frames=6)
+    clicks = click_following(model, [(frames[:1], masks[:1]) for frames, masks in clips])
+    tracks = track_following(model, clips)
+    assert tracks["tracked_frames"] == 5 * sum(
+        min(3, int((masks[0].sum((-2, -1)) >= 20).sum())) for _, masks in clips)
+    assert clicks["click_agreement"] < 0.3 and clicks["click_iou"] > 0.6
+    assert tracks["track_agreement"] > 0.9 and tracks["track_iou"] < 0.4

@@ -269,6 +269,7 @@ def test_prompt_phase_lowers_click_agreement_and_the_collapse_detector_fires(tmp
     good.run()
     check = good.history[0]["prompt_following"][-1]
     assert check["click_agreement"] < 0.8 and check["click_iou"] > before["click_iou"] + 0.2
+    assert 0 <= check["track_agreement"] <= 1 and check["tracked_frames"] > 0  # shapes clip
 
 
 def test_stage_losses_average_over_the_steps_that_have_them():

@@ -5,6 +5,10 @@ is told is caught while it trains, not discovered afterwards.
   object through SAM2's prompt encoder: the mean IoU of the mask with that object, and the
   agreement (mean IoU) between the masks of clicks on different objects of one frame. A
   decoder that ignores its prompt gives the same mask for every click: agreement near 1.
+- `track_following`: on held-out shapes clips, one click on each object in the first frame,
+  SAM2's memory propagation over the next frames: the mean IoU of the tracked masks with
+  that object, and the agreement between the tracked masks of different objects. A tracker
+  that ignores its memory gives every object the same tracked masks: agreement near 1.
 - `expression_agreement`: the same agreement for the masks of different expressions (with
   different target objects) of one clip, from a model's saved predictions.
 """
@@ -20,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from virst.preprocess import to_model_input
-from virst.tdau import anchor_heads, click_tokens, encode_batch
+from virst.tdau import TorchSam2Steps, anchor_heads, click_tokens, encode_batch, propagate
 
 MIN_AREA = 20  # pixels at model resolution: smaller (mostly hidden) objects get no click
 
@@ -37,12 +41,14 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.logical_and(a, b).sum() / union) if union else 1.0
 
 
-def _object_masks(split: str, index: int, per_video: int, size: int):
-    """Frames (k, H, W, 3) and their object masks (k, O, size, size) of one shapes video."""
+def _object_masks(split: str, index: int, size: int, per_video: int = 0, first: int = 0):
+    """Frames (k, H, W, 3) and their object masks (k, O, size, size) of one shapes video:
+    `per_video` frames spread over it, or its `first` frames."""
     from virst.data.shapes import make_video
 
     video = make_video(split, index)
-    idx = np.linspace(0, len(video.frames) - 1, per_video).round().astype(int)
+    idx = (np.arange(min(first, len(video.frames))) if first else
+           np.linspace(0, len(video.frames) - 1, per_video).round().astype(int))
     masks = torch.from_numpy(video.masks[:, idx]).float()
     masks = F.interpolate(masks, size=(size, size), mode="nearest-exact") > 0.5
     return video.frames[idx], masks.permute(1, 0, 2, 3).numpy()
@@ -50,7 +56,12 @@ def _object_masks(split: str, index: int, per_video: int, size: int):
 
 def shapes_views(videos: int, per_video: int = 2, size: int = 256, split: str = "valid"):
     """(frames, object masks) of `per_video` frames of the first `videos` shapes videos."""
-    return [_object_masks(split, i, per_video, size) for i in range(videos)]
+    return [_object_masks(split, i, size, per_video=per_video) for i in range(videos)]
+
+
+def shapes_clips(videos: int, frames: int = 8, size: int = 256, split: str = "valid"):
+    """(frames, object masks) of the first `frames` frames of the first `videos` videos."""
+    return [_object_masks(split, i, size, first=frames) for i in range(videos)]
 
 
 @torch.no_grad()
@@ -79,6 +90,41 @@ def click_following(model, views) -> dict:
     return {"click_iou": float(np.mean(ious)) if ious else float("nan"),
             "click_agreement": float(np.mean(agree)) if agree else float("nan"),
             "clicks": len(ious), "pairs": len(agree)}
+
+
+def _track(model, steps, frames: np.ndarray, click: list[float]) -> np.ndarray:
+    """Masks (k, S, S) of a click on frame 0 propagated by SAM2's memory over `frames`."""
+    cfg = model.config
+    pixels = to_model_input(frames, cfg.sam_image_size, cfg.sam_resize, model.device)
+    feats = steps.encode(pixels)
+    prompt = {0: click_tokens(model.sam2, [[click]], [[1]])}
+    out = [F.interpolate(r.low_res, size=pixels.shape[-2:], mode="bilinear",
+                         align_corners=False)[0, 0] > 0
+           for _, r in propagate(steps, feats.__getitem__, prompt, len(frames))]
+    return torch.stack(out).cpu().numpy()
+
+
+@torch.no_grad()
+def track_following(model, clips, max_objects: int = 3) -> dict:
+    """Tracked-frame IoU and agreement over `clips`: (frames (k, H, W, 3) uint8, object
+    masks (k, O, S, S) bool) of consecutive frames, e.g. `shapes_clips(...)`. Frames 1..k-1
+    are scored; objects are those visible in frame 0 (up to `max_objects`)."""
+    was_training = model.training
+    model.eval()
+    steps = TorchSam2Steps(model.sam2, bf16_storage=False)
+    ious, agree = [], []
+    for frames, masks in clips:
+        visible = [o for o in range(masks.shape[1]) if masks[0, o].sum() >= MIN_AREA]
+        tracks = [_track(model, steps, frames, interior_click(masks[0, o]))
+                  for o in visible[:max_objects]]
+        for o, pred in zip(visible, tracks):
+            ious += [iou(pred[t], masks[t, o]) for t in range(1, len(frames))]
+        for a, b in combinations(range(len(tracks)), 2):
+            agree += [iou(tracks[a][t], tracks[b][t]) for t in range(1, len(frames))]
+    model.train(was_training)
+    return {"track_iou": float(np.mean(ious)) if ious else float("nan"),
+            "track_agreement": float(np.mean(agree)) if agree else float("nan"),
+            "tracked_frames": len(ious)}
 
 
 def expression_agreement(dataset, pred_dir: str | Path) -> dict:

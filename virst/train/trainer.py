@@ -8,7 +8,8 @@ Every sample draws its random numbers (dropout) from a seed of its own, so that 
 samples give the same step whichever rank, world size or resume point computes them.
 
 Prompt following (`virst.eval.prompting.click_following`: click IoU on held-out frames and
-the agreement between masks of clicks on different objects) is measured every
+the agreement between masks of clicks on different objects; `track_following`: the same for
+masks SAM2's memory propagates from a click over the next frames) is measured every
 `check_every` steps of stages that train SAM2's heads and after every stage; a run whose
 agreement is still above `collapse_agreement` after the prompt-following stage stops there
 with a message instead of training for hours on a decoder that ignores its prompt.
@@ -36,7 +37,7 @@ from tqdm.auto import tqdm
 
 from virst.checkpoint import merge_lora
 from virst.errors import TrainingError
-from virst.eval.prompting import click_following, shapes_views
+from virst.eval.prompting import click_following, shapes_clips, shapes_views, track_following
 from virst.model import VirstModel, load_checked
 from virst.sam2_model import init_prompt_attention
 from virst.train import distributed as D
@@ -77,6 +78,7 @@ class TrainConfig:
     click_videos: int = 8
     check_every: int = 100  # prompt-following check every n steps (stages with SAM2 heads)
     check_videos: int = 12  # shapes valid videos of that check (0: no checks)
+    check_frames: int = 8  # tracking check: a click on their first frame, tracked over the rest
     collapse_agreement: float = 0.9  # stop after stage 0 when clicks agree more than this
 
     def __post_init__(self):
@@ -110,7 +112,7 @@ class Trainer:
         self.position = {"stage_index": 0, "step": 0, "seen": 0}
         self.seconds = 0.0
         self.checks: list[dict] = []  # prompt-following checks of the current stage
-        self._views = None  # held-out frames of those checks, built once
+        self._views = self._clips = None  # held-out frames and clips of those checks, built once
         self._wrapped_for = None
         if cfg.lora and any(s in (1, 2, 3) for s in cfg.stages):
             with torch.random.fork_rng(devices=[]):
@@ -248,20 +250,25 @@ class Trainer:
 
     # --------------------------------------------------------------- prompt following
     def _check_prompts(self, stage: int, bar) -> dict | None:
-        """Click IoU and agreement on held-out frames (rank 0 measures, all ranks get it)."""
+        """Click and tracking IoU and agreement on held-out frames and clips (rank 0
+        measures, all ranks get it)."""
         if self.cfg.check_videos <= 0:
             return None
         model = self.plain_model()
         result = None
         if self.world.main:
+            size, videos = self.model.config.sam_image_size, self.cfg.check_videos
             if self._views is None:
-                size = self.model.config.sam_image_size
-                self._views = shapes_views(self.cfg.check_videos, size=size)
+                self._views = shapes_views(videos, size=size)
+            if self._clips is None:
+                self._clips = shapes_clips(videos, self.cfg.check_frames, size=size)
             result = {"stage": stage, "step": self.position["step"],
-                      **click_following(model, self._views)}
+                      **click_following(model, self._views),
+                      **track_following(model, self._clips)}
             bar.write(f"stage {stage} step {result['step']}: click IoU "
                       f"{result['click_iou']:.3f}, agreement between clicks on different "
-                      f"objects {result['click_agreement']:.3f}")
+                      f"objects {result['click_agreement']:.3f}; tracked frames: IoU "
+                      f"{result['track_iou']:.3f}, agreement {result['track_agreement']:.3f}")
         return D.from_main(result, self.world)
 
     def _stop_if_collapsed(self, stage: int, check: dict | None) -> None:
