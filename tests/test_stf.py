@@ -89,6 +89,19 @@ def test_segprompter_rejects_mismatched_inputs(prompter):
         prompter(torch.randn(1, 10, 48), torch.randn(2, 4, 64, 16, 16))
     with pytest.raises(ValueError, match="max_frames"):
         prompter(torch.randn(1, 10, 48), torch.randn(1, 101, 64, 16, 16))
+    with pytest.raises(ValueError, match="not both"):  # was: the frame score, silently
+        prompter(torch.randn(1, 10, 48), torch.randn(1, 4, 64, 16, 16),
+                 return_frame_score=True, return_attention=True)
+
+
+def test_segprompter_attention_is_the_last_layers_per_head_attention(prompter):
+    seg, img = torch.randn(1, 10, 48), torch.randn(1, 4, 64, 16, 16)
+    out, attention = prompter(seg, img, return_attention=True)
+    assert torch.equal(out, prompter(seg, img))
+    heads = prompter.decoder[-1].cross_attn.nhead
+    g = prompter.grid_hw
+    assert attention.shape == (1, heads, 10 * 4, 4 * g * g)
+    assert torch.allclose(attention.sum(-1), torch.ones(1, heads, 40), atol=1e-5)
 
 
 def test_official_state_dict_keys():

@@ -142,6 +142,9 @@ class RotaryCrossAttention(nn.Module):
         """(B, N*T, C) queries, (B, T*g*g, C) memory -> output and, if asked, the frame
         score (B, T): attention mass per frame, mean over heads, queries and grid cells;
         or with `return_probs` the attention itself, (B, heads, N*T, T*g*g) (training)."""
+        if return_frame_score and return_probs:
+            raise ValueError("RotaryCrossAttention returns the frame score or the attention, "
+                             "not both: ask for one")
         q, k, v = (self._heads(p(x)) for p, x in
                    ((self.q_proj, query), (self.k_proj, memory), (self.v_proj, memory)))
         if not return_probs and _use_kernel(q, k, v):
@@ -215,6 +218,8 @@ class SegPrompter(nn.Module):
 
     def forward(self, seg_token, image_token, seg_mask=None, return_frame_score=False,
                 return_attention=False):
+        if return_frame_score and return_attention:
+            raise ValueError("SegPrompter returns the frame score or the attention, not both")
         b, n, _ = seg_token.shape
         t = image_token.shape[1]
         if image_token.shape[0] != b or image_token.shape[2] != self.token_dim:
