@@ -92,15 +92,14 @@ def click_following(model, views) -> dict:
             "clicks": len(ious), "pairs": len(agree)}
 
 
-def _track(model, steps, frames: np.ndarray, click: list[float]) -> np.ndarray:
-    """Masks (k, S, S) of a click on frame 0 propagated by SAM2's memory over `frames`."""
-    cfg = model.config
-    pixels = to_model_input(frames, cfg.sam_image_size, cfg.sam_resize, model.device)
-    feats = steps.encode(pixels)
+def _track(model, steps, feats: list, click: list[float]) -> np.ndarray:
+    """Masks (k, S, S) of a click on frame 0 propagated by SAM2's memory over the k frames
+    whose features are `feats`."""
+    size = model.config.sam_image_size
     prompt = {0: click_tokens(model.sam2, [[click]], [[1]])}
-    out = [F.interpolate(r.low_res, size=pixels.shape[-2:], mode="bilinear",
+    out = [F.interpolate(r.low_res, size=(size, size), mode="bilinear",
                          align_corners=False)[0, 0] > 0
-           for _, r in propagate(steps, feats.__getitem__, prompt, len(frames))]
+           for _, r in propagate(steps, feats.__getitem__, prompt, len(feats))]
     return torch.stack(out).cpu().numpy()
 
 
@@ -113,9 +112,12 @@ def track_following(model, clips, max_objects: int = 3) -> dict:
     model.eval()
     steps = TorchSam2Steps(model.sam2, bf16_storage=False)
     ious, agree = [], []
+    cfg = model.config
     for frames, masks in clips:
         visible = [o for o in range(masks.shape[1]) if masks[0, o].sum() >= MIN_AREA]
-        tracks = [_track(model, steps, frames, interior_click(masks[0, o]))
+        feats = steps.encode(to_model_input(frames, cfg.sam_image_size, cfg.sam_resize,
+                                            model.device))
+        tracks = [_track(model, steps, feats, interior_click(masks[0, o]))
                   for o in visible[:max_objects]]
         for o, pred in zip(visible, tracks):
             ious += [iou(pred[t], masks[t, o]) for t in range(1, len(frames))]
