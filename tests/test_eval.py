@@ -119,3 +119,22 @@ def test_tracking_check_sees_what_the_click_check_cannot():
         min(3, int((masks[0].sum((-2, -1)) >= 20).sum())) for _, masks in clips)
     assert clicks["click_agreement"] < 0.3 and clicks["click_iou"] > 0.6
     assert tracks["track_agreement"] > 0.9 and tracks["track_iou"] < 0.4
+
+
+def test_anchor_ceiling_separates_the_prompt_from_the_tracking(capsys):
+    """Ground-truth clicks in place of the model's prompts on its anchor frames (tracking
+    unchanged) score higher than the shipped model's own prompts on a valid video, and the
+    command prints the click, tracking and ceiling measurements."""
+    from virst.cli import load_model
+    from virst.eval.prompting import anchor_ceiling, main
+
+    result = anchor_ceiling(load_model(None), videos=1)
+    assert set(result) == {"model", "clicks"}
+    assert all(0 <= row["J&F"] <= 100 for row in result.values())
+    assert result["clicks"]["J&F"] > result["model"]["J&F"] + 3
+    assert result["clicks"]["J&F"] == pytest.approx(
+        (result["clicks"]["J"] + result["clicks"]["F"]) / 2, abs=0.01)
+    main(["--videos", "1"])
+    out = capsys.readouterr().out
+    assert "click_agreement" in out and "track_agreement" in out
+    assert f"ground-truth clicks: {result['clicks']}" in out

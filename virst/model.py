@@ -255,13 +255,19 @@ class VirstModel(nn.Module):
         sam2_steps = TorchSam2Steps(self.sam2, self.config.memory_bf16_storage)
         frames = FrameEncoder(sam2_steps, video.frames, self.config, self.device, keep=plan.seg)
         prompts = self.frame_prompts(video, plan, prompt, frames)
-        out = np.zeros((len(video), *video.size), np.float32 if return_logits else bool)
-        steps = propagate(sam2_steps, frames, prompts, len(video))
-        for t, result in tqdm(steps, total=len(video), desc="segment", disable=not progress):
-            logits = F.interpolate(result.low_res, size=video.size, mode="bilinear",
-                                   align_corners=False)[0, 0]
-            out[t] = (logits if return_logits else logits > 0).cpu().numpy()
-        return out
+        return propagate_masks(sam2_steps, frames, prompts, video, return_logits, progress)
+
+
+def propagate_masks(sam2_steps, frames: FrameEncoder, prompts: dict[int, torch.Tensor],
+                    video: Video, return_logits: bool = False, progress: bool = False):
+    """Masks (T, H, W) of `video` from the anchors' prompts, SAM2 memory elsewhere."""
+    out = np.zeros((len(video), *video.size), np.float32 if return_logits else bool)
+    steps = propagate(sam2_steps, frames, prompts, len(video))
+    for t, result in tqdm(steps, total=len(video), desc="segment", disable=not progress):
+        logits = F.interpolate(result.low_res, size=video.size, mode="bilinear",
+                               align_corners=False)[0, 0]
+        out[t] = (logits if return_logits else logits > 0).cpu().numpy()
+    return out
 
 
 # ---------------------------------------------------------------------------- checks

@@ -1,5 +1,5 @@
-"""Does the model follow its prompt? Two measurements, so that a model that ignores what it
-is told is caught while it trains, not discovered afterwards.
+"""Does the model follow its prompt? Measurements that catch a model that ignores what it
+is told while it trains, not afterwards, and say where a low score comes from.
 
 - `click_following`: on held-out shapes frames, one click in the middle of each visible
   object through SAM2's prompt encoder: the mean IoU of the mask with that object, and the
@@ -11,6 +11,12 @@ is told is caught while it trains, not discovered afterwards.
   that ignores its memory gives every object the same tracked masks: agreement near 1.
 - `expression_agreement`: the same agreement for the masks of different expressions (with
   different target objects) of one clip, from a model's saved predictions.
+- `anchor_ceiling`: J&F on shapes videos with the model's own prompts on its anchor frames
+  and with a ground-truth click there instead, tracking unchanged: what a perfect prompt
+  would reach, i.e. how much of the gap is the prompt and how much the tracking.
+
+`python -m virst.eval.prompting [--model DIR] [--videos N]` prints the first two and the
+last on the shapes valid split.
 """
 
 from __future__ import annotations
@@ -149,3 +155,72 @@ def expression_agreement(dataset, pred_dir: str | Path) -> dict:
                 values.append(iou(preds[a.key], preds[b.key]))
     return {"agreement": float(np.mean(values)) if values else float("nan"),
             "pairs": len(values)}
+
+
+def _click_prompts(model, stf: dict, target: np.ndarray) -> dict:
+    """A ground-truth click on every anchor frame that shows the target (the model's own
+    prompt where it does not): (T, H, W) bool target."""
+    size = model.config.sam_image_size
+    out = {}
+    for frame, prompt in stf.items():
+        mask = torch.from_numpy(target[frame][None, None].astype(np.float32))
+        mask = F.interpolate(mask, size=(size, size), mode="nearest-exact")[0, 0].numpy() > 0.5
+        out[frame] = (click_tokens(model.sam2, [[interior_click(mask)]], [[1]])
+                      if mask.sum() >= MIN_AREA else prompt)
+    return out
+
+
+@torch.no_grad()
+def anchor_ceiling(model, videos: int, split: str = "valid") -> dict:
+    """Mean J, F and J&F (x100) over every expression of the first `videos` shapes videos,
+    with the model's prompts ("model") and with ground-truth clicks ("clicks") on the
+    anchor frames of its deterministic plan; the same SAM2 propagation for both."""
+    from virst.data.shapes import make_video
+    from virst.eval.metrics import sequence_jf
+    from virst.media import load_video
+    from virst.model import FrameEncoder, propagate_masks
+    from virst.prompt import build_prompt
+    from virst.sampling import plan_frames
+
+    cfg = model.config
+    was_training = model.training
+    model.eval()
+    scores: dict[str, list] = {"model": [], "clicks": []}
+    for index in range(videos):
+        shapes = make_video(split, index)
+        video = load_video(shapes.frames)
+        plan = plan_frames(len(video), cfg)
+        steps = TorchSam2Steps(model.sam2, cfg.memory_bf16_storage)
+        frames = FrameEncoder(steps, video.frames, cfg, model.device, keep=range(len(video)))
+        for text, objects, _ in shapes.expressions:
+            target = shapes.masks[objects].any(0)
+            own = model.frame_prompts(video, plan, build_prompt(
+                model.tokenizer, text, cfg.num_seg_tokens), frames)
+            for name, prompts in (("model", own), ("clicks", _click_prompts(model, own, target))):
+                scores[name].append(sequence_jf(target, propagate_masks(steps, frames, prompts,
+                                                                        video)))
+    model.train(was_training)
+    return {name: dict(zip(("J", "F", "J&F"), (100 * np.mean(rows, axis=0)).round(2).tolist()))
+            for name, rows in scores.items()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    from virst.cli import load_model
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", help="model folder (default: the embedded model)")
+    parser.add_argument("--videos", type=int, default=12, help="shapes valid videos")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)  # small models: one thread is fastest on shared cores
+    model = load_model(args.model)
+    print("clicks (2 frames per video):", click_following(model, shapes_views(args.videos)))
+    print("tracking (8-frame clips):   ", track_following(model, shapes_clips(args.videos)))
+    labels = {"model": "the model's prompts", "clicks": "ground-truth clicks"}
+    for name, row in anchor_ceiling(model, args.videos).items():
+        print(f"anchors given {labels[name]}: {row}")
+
+
+if __name__ == "__main__":
+    main()
