@@ -103,20 +103,39 @@ def test_tracking_check_sees_what_the_click_check_cannot():
     shapes clips the shipped default model follows a click on the clicked frame (masks of
     clicks on different objects agree < 0.3) while its tracked frames give every object the
     same mask (agreement > 0.9; MODEL_CARD.md, "Tracking"). A check that scored the clicked
-    frame, or tracked one object for all, could not show this gap. Update the bounds when a
-    default model that tracks ships."""
+    frame would show no gap; one that clicked the same object for all is caught by the
+    clicked frame, which must be exactly that object's own click prediction. Update the
+    bounds when a default model that tracks ships."""
     import torch
+    import torch.nn.functional as F
 
     from virst.cli import load_model
-    from virst.eval.prompting import click_following, shapes_clips, track_following
+    from virst.eval.prompting import (
+        MIN_AREA,
+        _track,
+        click_following,
+        interior_click,
+        shapes_clips,
+        track_following,
+    )
+    from virst.preprocess import to_model_input
+    from virst.tdau import TorchSam2Steps, anchor_heads, click_tokens
 
     torch.manual_seed(0)
     model = load_model(None)
     clips = shapes_clips(4, frames=6)
     clicks = click_following(model, [(frames[:1], masks[:1]) for frames, masks in clips])
     tracks = track_following(model, clips)
-    assert tracks["tracked_frames"] == 5 * sum(
-        min(3, int((masks[0].sum((-2, -1)) >= 20).sum())) for _, masks in clips)
+    visible = [[o for o in range(m.shape[1]) if m[0, o].sum() >= MIN_AREA][:3] for _, m in clips]
+    assert tracks["tracked_frames"] == 5 * sum(map(len, visible))
+    frames, masks = clips[0]
+    steps = TorchSam2Steps(model.sam2, bf16_storage=False)
+    feats = steps.encode(to_model_input(frames, 256, model.config.sam_resize, "cpu"))
+    for o in visible[0]:  # the clicked frame is that object's own click, as click_following
+        click = interior_click(masks[0, o])
+        own = anchor_heads(model.sam2, feats[0], click_tokens(model.sam2, [[click]], [[1]]))
+        own = F.interpolate(own.low_res, size=(256, 256), mode="bilinear")[0, 0] > 0
+        assert np.array_equal(_track(model, steps, feats, click)[0], own.numpy())
     assert clicks["click_agreement"] < 0.3 and clicks["click_iou"] > 0.6
     assert tracks["track_agreement"] > 0.9 and tracks["track_iou"] < 0.4
 
