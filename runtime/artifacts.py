@@ -33,13 +33,23 @@ class Artifacts:
             self.check_model(Path(model_dir))
 
     def check_model(self, model_dir: Path) -> None:
+        """Refuse artifacts built from other weights, or with another config: the runtime
+        takes its config (frame plan, anchors, memory sizes) from the manifest, so a model
+        folder whose config.json changed would otherwise run with the old one."""
         built = self.manifest.get("model", {})
         ours = mf.weights_fingerprint(model_dir / "model.safetensors")
+        rebuild = f"rebuild with python -m export.build --checkpoint {model_dir}"
         if built.get("fingerprint") != ours:
             raise CheckpointError(
                 f"{self.folder} was built from another model ({built.get('folder', '?')}, "
                 f"fingerprint {built.get('fingerprint')}) than {model_dir} (fingerprint "
-                f"{ours}): rebuild with python -m export.build --checkpoint {model_dir}")
+                f"{ours}): {rebuild}")
+        theirs, mine = self.config.to_dict(), VirstConfig.load(model_dir / "config.json").to_dict()
+        changed = [f"{k}={theirs[k]!r} (the folder says {mine[k]!r})"
+                   for k in mine if theirs.get(k) != mine[k]]
+        if changed:
+            raise CheckpointError(f"{self.folder} was built with another config of this "
+                                  f"model: {', '.join(changed)}; {rebuild}")
 
     def files(self, unit: str) -> dict[str, str]:
         entry = self.manifest["artifacts"].get(unit)

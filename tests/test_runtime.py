@@ -125,6 +125,13 @@ def test_artifacts_for_another_model_or_precision_are_refused(tiny_dir, fp32, tm
     VirstModel.from_preset("tiny", seed=1).save_pretrained(other)
     with pytest.raises(CheckpointError, match="built from another model"):
         Runtime(other, backend="onnxruntime", artifacts=out)
+    changed = tmp_path / "changed"  # same weights, another anchor schedule in config.json
+    shutil.copytree(tiny_dir, changed)
+    config = json.loads((changed / "config.json").read_text())
+    config["frames_per_anchor"] = config["frames_per_anchor"] + 1
+    (changed / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="another config.*frames_per_anchor"):
+        Runtime(changed, backend="onnxruntime", artifacts=out)
     for bad, match in [("foo", "unknown backend"), ("fp8", "unknown precision")]:
         with pytest.raises(ConfigError, match=match):
             Runtime(tiny_dir, backend=bad if match == "unknown backend" else "eager",
