@@ -5,6 +5,8 @@ then refused by name when it was built for another model or another precision th
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -71,6 +73,15 @@ class Artifacts:
         return self.folder / "llm"
 
 
+def cache_key(model_dir: Path) -> str:
+    """Weights fingerprint + config hash: two folders with the same weights and different
+    configs (e.g. another anchor schedule) get their own cached artifacts, so neither
+    rebuilds the other's under a running server."""
+    config = json.dumps(VirstConfig.load(model_dir / "config.json").to_dict(), sort_keys=True)
+    digest = hashlib.sha256(config.encode()).hexdigest()[:8]
+    return f"{mf.weights_fingerprint(model_dir / 'model.safetensors')}-{digest}"
+
+
 def ensure_artifacts(model_dir: str | Path, precision: str = "fp32",
                      cache: Path = CACHE) -> Artifacts:
     """The verified artifacts of `model_dir` in `precision`, built into the cache the first
@@ -78,8 +89,7 @@ def ensure_artifacts(model_dir: str | Path, precision: str = "fp32",
     from export.build import build
 
     model_dir = Path(model_dir)
-    key = mf.weights_fingerprint(model_dir / "model.safetensors")
-    folder = cache / "artifacts" / f"{key}-{precision}"
+    folder = cache / "artifacts" / f"{cache_key(model_dir)}-{precision}"
     try:
         return Artifacts(folder, precision, model_dir)
     except CheckpointError:

@@ -132,6 +132,11 @@ def test_artifacts_for_another_model_or_precision_are_refused(tiny_dir, fp32, tm
     (changed / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="another config.*frames_per_anchor"):
         Runtime(changed, backend="onnxruntime", artifacts=out)
+    from runtime.artifacts import cache_key
+
+    assert cache_key(changed) != cache_key(tiny_dir)  # each config its own cached artifacts
+    shutil.copytree(tiny_dir, tmp_path / "same")
+    assert cache_key(tmp_path / "same") == cache_key(tiny_dir)
     for bad, match in [("foo", "unknown backend"), ("fp8", "unknown precision")]:
         with pytest.raises(ConfigError, match=match):
             Runtime(tiny_dir, backend=bad if match == "unknown backend" else "eager",
