@@ -201,6 +201,8 @@ def test_stage_schedule_and_click_prompts():
     assert STAGES[0].mode_for(0) == "clicks"
     assert [STAGES[3].mode_for(i, 3) for i in range(4)] == [
         "clicks", "propagate", "propagate", "clicks"]
+    assert [STAGES[3].mode_for(i, 3, frames_per_anchor=1) for i in range(3)] == [
+        "clicks", "anchors", "anchors"]  # every segmentation frame an anchor: nothing between
     assert STAGES[1].mode_for(0, 3) == "anchors"  # SAM2 frozen: no click samples
     target = torch.zeros(2, 8, 8, dtype=torch.bool)
     target[:, 2:6, 2:6] = True

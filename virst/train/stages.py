@@ -3,7 +3,8 @@
 Paper (section "Three-stage progressive training"):
   1 align      SAM2 frozen; STF and the LLM's LoRA adapters train;
   2 segment    + SAM2's mask decoder and memory modules, per-frame (image-level) masks;
-  3 propagate  everything, with anchor-based propagation.
+  3 propagate  everything, with anchor-based propagation (with an anchor on every
+               segmentation frame: every one from its own prompt).
 Stage 0 is ours: the tiny preset has no pretrained SAM2 to start from, so it first trains
 SAM2 alone the way SAM2 itself is trained, in miniature: clicks on random objects with
 corrective clicks on the error region, and propagation from clicked frames, until the mask
@@ -31,13 +32,17 @@ class Stage:
     groups: tuple[str, ...]
     mode: str  # "anchors", "propagate" or "clicks" (see train/step.py)
 
-    def mode_for(self, step: int, points_every: int = 0) -> str:
+    def mode_for(self, step: int, points_every: int = 0, frames_per_anchor: int = 4) -> str:
         """The forward mode of one optimizer step (every sample of a step, on every rank,
         runs the same modules): stages that train SAM2's heads keep its click training on
         every `points_every`-th step (0: never), so that the decoder keeps following its
-        prompt. (Stage 0's own schedule is the trainer's.)"""
+        prompt. A model that anchors every segmentation frame (`frames_per_anchor` 1)
+        propagates between none of them, so its stage 3 trains every one from its own
+        prompt, as it runs. (Stage 0's own schedule is the trainer's.)"""
         if points_every and "sam_heads" in self.groups and step % points_every == 0:
             return "clicks"
+        if self.mode == "propagate" and frames_per_anchor == 1:
+            return "anchors"
         return self.mode
 
 

@@ -212,7 +212,8 @@ class Trainer:
         count, forced = self._plan_step(stage)
         start, world = self.position["seen"], self.world
         mine = self.order.mine(start, count)
-        mode = forced or STAGES[stage].mode_for(self.position["step"], self.cfg.points_every)
+        mode = forced or STAGES[stage].mode_for(self.position["step"], self.cfg.points_every,
+                                                self.model.config.frames_per_anchor)
         for i, index in enumerate(mine):
             sample = self.sample_fn(index)
             torch.manual_seed(self.cfg.seed * 1_000_003 + index)  # this sample's dropout
