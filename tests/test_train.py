@@ -1,6 +1,7 @@
 """Trainer: losses on hand-made tensors, the stage freezing, loss going down in every stage,
 and a resumed run reaching exactly the state of an uninterrupted one."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -192,6 +193,20 @@ def test_a_checkpoint_of_another_model_is_refused(tmp_path):
     other.model.sam2.extra = torch.nn.Linear(2, 2)  # weights the checkpoint does not hold
     with pytest.raises(ConfigError, match="does not hold 2 of this model's weights"):
         other.run()
+
+
+def test_stage_3_of_an_every_frame_anchor_model_trains_every_frame_from_its_prompt(tmp_path):
+    """With `frames_per_anchor` 1 no segmentation frame is reached by propagation, so the
+    trainer's stage 3 runs the 'anchors' forward (the config reaches `Stage.mode_for`)."""
+    modes = []
+    for fpa in (4, 1):
+        trainer = _toy_trainer(tmp_path / str(fpa), stages=[3], steps={3: 2}, lr={3: 1e-4},
+                               save_every=100, points_every=0)
+        trainer.model.config = dataclasses.replace(trainer.model.config, frames_per_anchor=fpa)
+        trainer.model.forward = lambda sample, mode, *a, f=trainer.model.forward: (
+            modes.append(mode) or f(sample, mode, *a))
+        trainer.run()
+    assert modes == ["propagate", "propagate", "anchors", "anchors"]
 
 
 def test_stage_schedule_and_click_prompts():

@@ -37,7 +37,7 @@ class Stage:
         runs the same modules): stages that train SAM2's heads keep its click training on
         every `points_every`-th step (0: never), so that the decoder keeps following its
         prompt. A model that anchors every segmentation frame (`frames_per_anchor` 1)
-        propagates between none of them, so its stage 3 trains every one from its own
+        reaches none of them by propagation, so its stage 3 trains every one from its own
         prompt, as it runs. (Stage 0's own schedule is the trainer's.)"""
         if points_every and "sam_heads" in self.groups and step % points_every == 0:
             return "clicks"
