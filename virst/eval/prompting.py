@@ -47,6 +47,13 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.logical_and(a, b).sum() / union) if union else 1.0
 
 
+def _at_model_size(masks: np.ndarray, size: int) -> np.ndarray:
+    """(N, C, H, W) bool masks -> (N, C, size, size) bool (nearest, as training's targets)."""
+    resized = F.interpolate(torch.from_numpy(masks).float(), size=(size, size),
+                            mode="nearest-exact")
+    return (resized > 0.5).numpy()
+
+
 def _object_masks(split: str, index: int, size: int, per_video: int = 0, first: int = 0):
     """Frames (k, H, W, 3) and their object masks (k, O, size, size) of one shapes video:
     `per_video` frames spread over it, or its `first` frames."""
@@ -55,9 +62,7 @@ def _object_masks(split: str, index: int, size: int, per_video: int = 0, first: 
     video = make_video(split, index)
     idx = (np.arange(min(first, len(video.frames))) if first else
            np.linspace(0, len(video.frames) - 1, per_video).round().astype(int))
-    masks = torch.from_numpy(video.masks[:, idx]).float()
-    masks = F.interpolate(masks, size=(size, size), mode="nearest-exact") > 0.5
-    return video.frames[idx], masks.permute(1, 0, 2, 3).numpy()
+    return video.frames[idx], _at_model_size(video.masks[:, idx], size).transpose(1, 0, 2, 3)
 
 
 def shapes_views(videos: int, per_video: int = 2, size: int = 256, split: str = "valid"):
@@ -160,14 +165,10 @@ def expression_agreement(dataset, pred_dir: str | Path) -> dict:
 def _click_prompts(model, stf: dict, target: np.ndarray) -> dict:
     """A ground-truth click on every anchor frame that shows the target (the model's own
     prompt where it does not): (T, H, W) bool target."""
-    size = model.config.sam_image_size
-    out = {}
-    for frame, prompt in stf.items():
-        mask = torch.from_numpy(target[frame][None, None].astype(np.float32))
-        mask = F.interpolate(mask, size=(size, size), mode="nearest-exact")[0, 0].numpy() > 0.5
-        out[frame] = (click_tokens(model.sam2, [[interior_click(mask)]], [[1]])
-                      if mask.sum() >= MIN_AREA else prompt)
-    return out
+    masks = _at_model_size(target[list(stf)][None], model.config.sam_image_size)[0]
+    return {frame: (click_tokens(model.sam2, [[interior_click(mask)]], [[1]])
+                    if mask.sum() >= MIN_AREA else prompt)
+            for (frame, prompt), mask in zip(stf.items(), masks)}
 
 
 @torch.no_grad()
