@@ -19,7 +19,7 @@ from sam2.modeling.sam2_utils import LayerNorm2d
 from torch import nn
 
 from virst.model import VirstModel
-from virst.stf import rotate_pairs
+from virst.stf import rotate_pairs, stf_prompts
 from virst.tdau import decode_masks, no_prompt_tokens
 
 # ------------------------------------------------------------------ export rewrites
@@ -244,12 +244,15 @@ class TrackStep(nn.Module):
 
 
 class SegPrompterUnit(nn.Module):
+    """[SEG] states + segmentation-frame features -> (1, P, T, C) anchor prompts."""
+
     def __init__(self, model: VirstModel):
         super().__init__()
         self.prompter = model.seg_prompter
+        self.clicks = model.sam2.sam_prompt_encoder if model.config.stf_point_prompt else None
 
     def forward(self, seg_hidden, seg_features):
-        return self.prompter(seg_hidden, seg_features)
+        return stf_prompts(self.prompter, seg_hidden, seg_features, self.clicks)
 
 
 class VisionUnit(nn.Module):
@@ -313,7 +316,7 @@ def build_units(model: VirstModel, names=None, batch: int = 2, memory_frames: in
             {"pixels": {0: "batch"}}),
         "mask_decoder_anchor": lambda: Unit(
             "mask_decoder_anchor", MaskDecoder(model, anchor=True),
-            {**feats, "prompt": rnd(batch, cfg.num_seg_tokens, c)},
+            {**feats, "prompt": rnd(batch, cfg.prompt_tokens, c)},
             ["mask_logits", "ious", "obj_score", "obj_ptr"],
             {k: {0: "batch"} for k in (*feats, "prompt")},
             fp32_outputs=("mask_logits", "ious", "obj_score")),
@@ -336,7 +339,7 @@ def build_units(model: VirstModel, names=None, batch: int = 2, memory_frames: in
             fp32_inputs=("mask_logits", "obj_score")),
         "anchor_step": lambda: Unit(
             "anchor_step", AnchorStep(model),
-            {**feats, "prompt": rnd(batch, cfg.num_seg_tokens, c)},
+            {**feats, "prompt": rnd(batch, cfg.prompt_tokens, c)},
             [*STEP_OUTPUTS], {k: {0: "batch"} for k in (*feats, "prompt")},
             fp32_outputs=STEP_FP32),
         "track_step": lambda: Unit(

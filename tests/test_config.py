@@ -69,6 +69,17 @@ def test_decoder_heads_come_from_the_config_and_old_folders_load_as_8(tmp_path):
         preset("tiny", sam_decoder_heads=3)
 
 
+def test_point_prompt_is_off_unless_asked_and_sets_the_prompt_size():
+    """`stf_point_prompt` (ours): off in both presets and in a config written before it
+    existed (the release's 10 STF tokens); on, the anchor prompt is a click + padding."""
+    for name in ("virst-7b", "tiny"):
+        assert not preset(name).stf_point_prompt and preset(name).prompt_tokens == 10
+    old = preset("tiny").to_dict()
+    del old["stf_point_prompt"]
+    assert not VirstConfig.from_dict(old).stf_point_prompt
+    assert preset("tiny", stf_point_prompt=True).prompt_tokens == 2
+
+
 def test_from_scratch_start_aligns_the_decoder_cross_attention():
     from virst.model import VirstModel
     from virst.sam2_model import init_prompt_attention

@@ -55,6 +55,34 @@ def test_runtime_masks_equal_the_reference_pipeline(backend, tiny_dir, fp32, cli
     assert iou.min() >= 0.99, iou
 
 
+def test_a_point_prompt_model_runs_the_same_on_every_backend(clip, tmp_path):
+    """`stf_point_prompt` (the embedded model's prompt: a click at STF's attention peak):
+    its two-token prompts go through the exported units; eager and ONNX Runtime give the
+    reference masks, and the prompt follows the expression."""
+    from export.build import build
+
+    model = VirstModel.from_preset("tiny", seed=0, stf_point_prompt=True)
+    with torch.no_grad():
+        model.sam2.sam_mask_decoder.pred_obj_score_head.layers[-1].bias += 1.0
+    model.save_pretrained(tmp_path / "model")
+    units = ["image_encoder", "anchor_step", "track_step", "seg_prompter", "vision"]
+    _, checks = build("fp32", tmp_path / "art", str(tmp_path / "model"), [*units, "llm"],
+                      tensorrt=False, progress=False)
+    assert {c.unit for c in checks} >= set(units) and all(c.passed for c in checks), checks
+    frames, texts = clip
+    reference = model.segment(frames, texts[0])
+    assert 0 < reference.mean() < 1
+    for backend in ("eager", "onnxruntime"):
+        runtime = Runtime(tmp_path / "model", backend=backend, threads=2,
+                          artifacts=tmp_path / "art" if backend != "eager" else None)
+        session = runtime.session(frames)
+        prompts = session.prompts(texts[:2])
+        assert prompts.shape[:2] == (2, 2)  # (expressions, click + padding point)
+        assert not torch.allclose(prompts[0], prompts[1])
+        masks = _run(runtime, frames, texts[:1])[0]
+        assert region_similarity(reference, masks).min() >= 0.99, backend
+
+
 def test_several_expressions_in_one_pass_equal_separate_runs(tiny_dir, clip, reference):
     frames, texts = clip
     runtime = Runtime(tiny_dir, backend="eager", threads=1)

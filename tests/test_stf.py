@@ -5,7 +5,14 @@ import math
 import pytest
 import torch
 
-from virst.stf import InitialSegFusion, RoPE3D, SegPrompter, rotate_pairs
+from virst.stf import (
+    InitialSegFusion,
+    RoPE3D,
+    SegPrompter,
+    attention_points,
+    rotate_pairs,
+    stf_prompts,
+)
 
 
 def _rotate_by_hand(vec, angles):
@@ -132,3 +139,51 @@ def test_initial_seg_fusion_is_a_gated_residual():
         assert torch.equal(f(seg, vis), seg)
         f.gate.fill_(0.1)
         assert not torch.equal(f(seg, vis), seg)
+
+
+def _one_hot_attention(frames, grid, cells, heads=2, tokens=3):
+    """Last-layer attention whose frame-t queries all look at `cells[t]` (a dict cell ->
+    weight) of frame t: (1, heads, tokens * frames, frames * grid^2), queries n-major."""
+    att = torch.zeros(1, heads, tokens, frames, frames * grid * grid)
+    for t, weights in enumerate(cells):
+        for (y, x), w in weights.items():
+            att[:, :, :, t, t * grid * grid + y * grid + x] = w
+    return att.reshape(1, heads, tokens * frames, -1)
+
+
+def test_attention_points_click_the_peak_cell_or_between_neighbours():
+    grid, size = 4, 64  # 16-px cells
+    att = _one_hot_attention(3, grid, [{(1, 2): 1.0}, {(3, 0): 0.5, (3, 1): 0.5},
+                                       {(0, 0): 0.6, (3, 3): 0.4}])
+    points = attention_points(att, 3, grid, size)
+    assert points.shape == (1, 3, 2)
+    # pixel indices (SAM2 adds 0.5): the centre of cell (y=1, x=2) is pixel (40, 24)
+    assert torch.allclose(points[0, 0], torch.tensor([40.0, 24.0]) - 0.5)
+    assert torch.allclose(points[0, 1], torch.tensor([16.0, 56.0]) - 0.5)  # between two
+    assert torch.allclose(points[0, 2], torch.tensor([8.0, 8.0]) - 0.5)  # far cell: ignored
+    # attention to another frame's cells does not move this frame's click
+    other = att.clone().reshape(1, 2, 3, 3, 3, grid * grid)
+    other[:, :, :, 0, 1] = 5.0
+    assert torch.equal(attention_points(other.reshape(att.shape), 3, grid, size), points)
+
+
+def test_point_prompts_are_sam2_clicks_at_stfs_attention_peak(prompter):
+    from conftest import make_tiny_sam
+
+    from virst.config import preset
+
+    sam = make_tiny_sam(preset("tiny", sam_image_size=256))
+    encoder = sam.sam_prompt_encoder
+    seg, img = torch.randn(1, 10, 48), torch.randn(1, 5, 64, 16, 16)
+    out, attention = stf_prompts(prompter, seg, img, encoder, return_attention=True)
+    assert out.shape == (1, 2, 5, 64)  # a click and SAM2's padding point per frame
+    assert torch.equal(stf_prompts(prompter, seg, img), prompter(seg, img))  # off: STF's own
+    points = attention_points(attention, 5, prompter.grid_hw, 256)
+    for t in range(5):
+        click, _ = encoder(points=(points[:, t : t + 1], torch.ones(1, 1, dtype=torch.int32)),
+                           boxes=None, masks=None)
+        assert torch.allclose(out[:, :, t], click, atol=1e-6)
+    # the mask loss reaches STF through the click's position
+    prompter.train()
+    stf_prompts(prompter, seg, img, encoder).sum().backward()
+    assert prompter.decoder[-1].cross_attn.q_proj.weight.grad.abs().sum() > 0

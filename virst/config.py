@@ -72,6 +72,10 @@ class VirstConfig:
     stf_layers: int = 2
     stf_max_frames: int = 100
     initial_seg_fusion: bool = False  # stage-1 fusion, off in the official evaluation
+    # ours, for models trained from scratch (tiny): the prompt is a click where STF's last
+    # cross-attention peaks in the frame instead of STF's 10 tokens (stf.point_prompts).
+    # Off: the release's architecture; a model folder without the field is off.
+    stf_point_prompt: bool = False
     fusion_heads: int = 8
 
     # --- frame sampling and preprocessing ---
@@ -103,6 +107,12 @@ class VirstConfig:
         """Object pointers one tracked frame attends at most: the attended anchors + the
         earlier frames in reach (anchors far back add to those, see `select_memory`)."""
         return self.max_anchors_in_attn + self.max_obj_ptrs - 1
+
+    @property
+    def prompt_tokens(self) -> int:
+        """Sparse prompt tokens per anchor frame: STF's [SEG] tokens, or a click and SAM2's
+        padding point."""
+        return 2 if self.stf_point_prompt else self.num_seg_tokens
 
     @property
     def sam_lowres_size(self) -> int:

@@ -37,7 +37,7 @@ from virst.prompt import (
 )
 from virst.sam2_model import build_sam2
 from virst.sampling import FramePlan, plan_frames
-from virst.stf import InitialSegFusion, SegPrompter
+from virst.stf import InitialSegFusion, SegPrompter, stf_prompts
 from virst.tdau import FrameFeatures, TorchSam2Steps, propagate
 from virst.vlm import VideoLLM
 
@@ -226,6 +226,12 @@ class VirstModel(nn.Module):
         hidden = self.vlm.hidden_states(batch)
         return (hidden, positions[0]) if single else (hidden, positions)
 
+    def stf_prompts(self, seg_hidden: torch.Tensor, seg_features: torch.Tensor,
+                    return_attention: bool = False):
+        """(B, P, T_seg, C) anchor prompts from the [SEG] states (`stf.stf_prompts`)."""
+        clicks = self.sam2.sam_prompt_encoder if self.config.stf_point_prompt else None
+        return stf_prompts(self.seg_prompter, seg_hidden, seg_features, clicks, return_attention)
+
     def frame_prompts(self, video: Video, plan: FramePlan, prompt: Prompt,
                       frames: FrameEncoder) -> dict[int, torch.Tensor]:
         """The VLM + STF half: anchor video frame -> its (1, N, C) prompt tokens."""
@@ -235,7 +241,7 @@ class VirstModel(nn.Module):
         video_tokens = self.vlm.encode_video(pixels)
         seg_features = torch.cat([f.level2 for f in frames.many(plan.seg)])[None]
         hidden, positions = self.prefill(prompt, video_tokens, seg_features)
-        prompts = self.seg_prompter(hidden[:, positions], seg_features)  # (1, N, T_seg, C)
+        prompts = self.stf_prompts(hidden[:, positions], seg_features)  # (1, P, T_seg, C)
         return {frame: prompts[:, :, pos] for frame, pos in plan.anchor_frames.items()}
 
     @torch.inference_mode()

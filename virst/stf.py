@@ -5,6 +5,8 @@
 - `SegPrompter` (stage 2, always on): the 10 `[SEG]` hidden states become one 10-token SAM
   prompt per segmentation frame through a 2-layer post-norm decoder whose cross-attention
   rotates keys by their (t, y, x) grid cell and queries by their frame only (`RoPE3D`).
+- `stf_prompts` (ours, `stf_point_prompt`, off in the release's architecture): the prompt
+  is instead a SAM2 click where the SegPrompter's last cross-attention peaks in the frame.
 
 State-dict keys equal the official release's, so its tensors load without renaming.
 This is the reference path; `kernels.stf_attention` is the fused one (same weights).
@@ -240,6 +242,56 @@ class SegPrompter(nn.Module):
                              return_probs=return_attention and last)
         out = x.view(b, n, t, self.token_dim)
         return (out, score) if return_frame_score or return_attention else out
+
+
+# ------------------------------------------------------------------ point prompts
+
+
+def attention_points(attention: torch.Tensor, frames: int, grid: int, size: int) -> torch.Tensor:
+    """Where STF looks in each frame, as a click: (B, heads, N*T, T*g*g) last-layer attention
+    (queries n-major, keys t-major) -> (B, T, 2) pixel (x, y) at model resolution `size`.
+
+    Each frame's own cells, attention averaged over heads and queries; the click is the
+    attention-weighted centre of the 3 x 3 cells around the peak (a cell is larger than some
+    objects, the centre of two neighbours lands between them). Differentiable in the
+    attention except for the choice of the peak. Export-friendly: no diagonal, no gather."""
+    b, h, rows, _ = attention.shape
+    probs = attention.reshape(b, h, rows // frames, frames, frames, grid * grid)
+    own = torch.eye(frames, dtype=probs.dtype, device=probs.device)[:, :, None]
+    heat = (probs * own).sum(4).mean((1, 2)).reshape(b, frames, grid, grid)
+    peak = heat.flatten(2).argmax(-1)  # (B, T)
+    cells = torch.arange(grid, device=heat.device)
+
+    def near(p: torch.Tensor) -> torch.Tensor:  # |cell - p| <= 1 as (B, T, g), in ops TensorRT has
+        d = cells[None, None] - p[..., None]
+        return (d * d < 2).to(heat.dtype)
+
+    near_y, near_x = near(peak // grid), near(peak % grid)
+    w = heat * near_y[..., :, None] * near_x[..., None, :]
+    centre = (cells.to(heat.dtype) + 0.5) * (size / grid)
+    x = (w.sum(2) * centre).sum(-1) / w.sum((2, 3))
+    y = (w.sum(3) * centre).sum(-1) / w.sum((2, 3))
+    return torch.stack([x, y], dim=-1) - 0.5  # pixel indices: SAM2 adds 0.5 back
+
+
+def stf_prompts(prompter: SegPrompter, seg_hidden: torch.Tensor, image_token: torch.Tensor,
+                point_encoder=None, return_attention: bool = False):
+    """The anchor prompts of every segmentation frame, (B, P, T, C): STF's tokens, or with a
+    SAM2 prompt encoder as `point_encoder` (`stf_point_prompt`, ours) the click at STF's
+    attention peak with SAM2's padding point, P = 2. A decoder trained on clicks finds a
+    click's object by position; STF's tokens carry the named object's appearance, which
+    does not tell look-alikes apart (MODEL_CARD.md). The click needs the attention itself,
+    so this path runs STF's reference attention, not the fused kernel."""
+    if point_encoder is None:
+        return prompter(seg_hidden, image_token, return_attention=return_attention)
+    tokens, attention = prompter(seg_hidden, image_token, return_attention=True)
+    b, t = image_token.shape[:2]
+    size = point_encoder.input_image_size[0]
+    points = attention_points(attention, t, prompter.grid_hw, size).reshape(b * t, 1, 2)
+    labels = torch.ones(b * t, 1, dtype=torch.int32, device=points.device)
+    clicks, _ = point_encoder(points=(points, labels), boxes=None, masks=None)
+    out = clicks.reshape(b, t, *clicks.shape[1:]).transpose(1, 2).to(tokens.dtype)
+    return (out, attention) if return_attention else out
 
 
 # -------------------------------------------------------------------- InitialSegFusion

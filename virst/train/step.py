@@ -228,11 +228,11 @@ def forward_losses(model: VirstModel, sample: Sample, mode: str,
             parts["expression"].append(expression_words(seg_logits, sorted(set(words))))
         seg_hidden = hidden[e : e + 1, positions[e]]
         if scratch_losses:
-            prompt_tokens, attention = model.seg_prompter(seg_hidden, level2,
-                                                          return_attention=True)
+            prompt_tokens, attention = model.stf_prompts(seg_hidden, level2,
+                                                         return_attention=True)
             parts["grounding"].append(grounding(attention, target, cfg.stf_grid))
         else:
-            prompt_tokens = model.seg_prompter(seg_hidden, level2)
+            prompt_tokens = model.stf_prompts(seg_hidden, level2)
         if mode == "anchors":
             heads = _split(anchor_heads(model.sam2, feats, prompt_tokens[0].transpose(0, 1)))
             _accumulate(parts, heads, target, size)
