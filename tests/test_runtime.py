@@ -98,6 +98,26 @@ def test_several_expressions_in_one_pass_equal_separate_runs(tiny_dir, clip, ref
     assert session.cache_hits == 1  # the second request reused the video's features
 
 
+def test_anchors_decoded_in_bounded_batches_equal_one_batch(tiny_dir, clip, monkeypatch):
+    """`ANCHOR_BATCH` bounds the prompts per anchor call (peak memory with many anchors and
+    expressions); the masks are those of one call for all."""
+    import runtime.session as session_mod
+
+    frames, texts = clip
+    runtime = Runtime(tiny_dir, backend="eager", threads=1)
+    whole = _run(runtime, frames, texts)
+    calls = []
+    anchor = runtime.backend.anchor
+    monkeypatch.setattr(runtime.backend, "anchor",
+                        lambda feats, tokens: calls.append(len(tokens)) or anchor(feats, tokens))
+    monkeypatch.setattr(session_mod, "ANCHOR_BATCH", 7)  # 3 expressions: 2 frames a call
+    chunked = _run(runtime, frames, texts)
+    anchors = len(runtime.session(frames).plan.anchor_frames)
+    assert calls == [6] * (anchors // 2) + [3] * (anchors % 2)
+    for e in range(len(texts)):
+        assert region_similarity(whole[e], chunked[e]).min() >= 0.999
+
+
 def test_memory_bank_gathers_what_sam2_selects():
     """The fixed-size bank's padded inputs hold exactly the memories, encodings and
     pointers of the reference selection (`gather_memory`), for every frame."""
