@@ -73,7 +73,7 @@ class VirstConfig:
     stf_max_frames: int = 100
     initial_seg_fusion: bool = False  # stage-1 fusion, off in the official evaluation
     # ours, for models trained from scratch (tiny): the prompt is a click where STF's last
-    # cross-attention peaks in the frame instead of STF's 10 tokens (stf.point_prompts).
+    # cross-attention peaks in the frame instead of STF's 10 tokens (stf.stf_prompts).
     # Off: the release's architecture; a model folder without the field is off.
     stf_point_prompt: bool = False
     fusion_heads: int = 8

@@ -234,7 +234,7 @@ class VirstModel(nn.Module):
 
     def frame_prompts(self, video: Video, plan: FramePlan, prompt: Prompt,
                       frames: FrameEncoder) -> dict[int, torch.Tensor]:
-        """The VLM + STF half: anchor video frame -> its (1, N, C) prompt tokens."""
+        """The VLM + STF half: anchor video frame -> its (1, P, C) prompt tokens."""
         cfg = self.config
         pixels = to_model_input(video.frames[list(plan.vlm)], cfg.vlm_image_size,
                                 cfg.vlm_resize, self.device)

@@ -247,6 +247,16 @@ class SegPrompter(nn.Module):
 # ------------------------------------------------------------------ point prompts
 
 
+def own_frame_attention(attention: torch.Tensor, frames: int) -> torch.Tensor:
+    """(B, heads, N*T, T*cells) attention (queries n-major, keys t-major) -> (B, heads, N,
+    T, cells): each query's attention on the grid cells of its own frame. A mask, not
+    `torch.diagonal`, so that it exports to ONNX."""
+    b, h, rows, keys = attention.shape
+    probs = attention.reshape(b, h, rows // frames, frames, frames, keys // frames)
+    own = torch.eye(frames, dtype=probs.dtype, device=probs.device)[:, :, None]
+    return (probs * own).sum(4)
+
+
 def attention_points(attention: torch.Tensor, frames: int, grid: int, size: int) -> torch.Tensor:
     """Where STF looks in each frame, as a click: (B, heads, N*T, T*g*g) last-layer attention
     (queries n-major, keys t-major) -> (B, T, 2) pixel (x, y) at model resolution `size`.
@@ -254,15 +264,13 @@ def attention_points(attention: torch.Tensor, frames: int, grid: int, size: int)
     Each frame's own cells, attention averaged over heads and queries; the click is the
     attention-weighted centre of the 3 x 3 cells around the peak (a cell is larger than some
     objects, the centre of two neighbours lands between them). Differentiable in the
-    attention except for the choice of the peak. Export-friendly: no diagonal, no gather."""
-    b, h, rows, _ = attention.shape
-    probs = attention.reshape(b, h, rows // frames, frames, frames, grid * grid)
-    own = torch.eye(frames, dtype=probs.dtype, device=probs.device)[:, :, None]
-    heat = (probs * own).sum(4).mean((1, 2)).reshape(b, frames, grid, grid)
+    attention except for the choice of the peak; in ONNX ops TensorRT has."""
+    b = attention.shape[0]
+    heat = own_frame_attention(attention, frames).mean((1, 2)).reshape(b, frames, grid, grid)
     peak = heat.flatten(2).argmax(-1)  # (B, T)
     cells = torch.arange(grid, device=heat.device)
 
-    def near(p: torch.Tensor) -> torch.Tensor:  # |cell - p| <= 1 as (B, T, g), in ops TensorRT has
+    def near(p: torch.Tensor) -> torch.Tensor:  # |cell - p| <= 1 as (B, T, g), without Abs
         d = cells[None, None] - p[..., None]
         return (d * d < 2).to(heat.dtype)
 

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from virst.stf import own_frame_attention
+
 WEIGHTS = {"bce": 1.0, "dice": 1.0, "token": 1.0, "occlusion": 0.05, "iou": 0.05,
            "expression": 1.0, "grounding": 1.0}  # the last two: ours, from-scratch models only
 IGNORE = -100
@@ -101,9 +103,7 @@ def grounding(attention: torch.Tensor, target: torch.Tensor, grid: int) -> torch
     agreed 0.93 after 2200 steps). It needs grid cells no larger than the objects: on a
     4 x 4 grid over shapes it taught "look at the objects", not the named one (MODEL_CARD.md)."""
     frames = target.shape[0]
-    heads, rows, _ = attention.shape[1:]
-    probs = attention[0].reshape(heads, rows // frames, frames, frames, grid * grid)
-    same = torch.diagonal(probs, dim1=2, dim2=3).transpose(-1, -2)  # (heads, N, T, g*g)
+    same = own_frame_attention(attention, frames)[0]  # (heads, N, T, g*g)
     cells = F.adaptive_avg_pool2d(target[:, None].float(), grid)[:, 0].flatten(1) > 0
     shown = cells.any(-1)
     if not bool(shown.any()):
