@@ -73,6 +73,11 @@ def test_a_changed_config_field_restarts_only_the_parts_it_reshapes(tiny, tmp_pa
         VirstModel.from_pretrained_changed(tmp_path / "m", stf_grid=5)
     same, nothing = VirstModel.from_pretrained_changed(tmp_path / "m")
     assert nothing == [] and all(torch.equal(old[k], v) for k, v in same.state_dict().items())
+    # a field that only adds tensors keeps the part: motion keys start as a zero projection
+    moving, kept = VirstModel.from_pretrained_changed(tmp_path / "m", stf_motion_keys=True)
+    new = moving.state_dict()
+    assert kept == [] and all(torch.equal(old[k], new[k]) for k in old)
+    assert not new["seg_prompter.motion_proj.weight"].any()
 
 
 def test_checkpoint_problems_name_the_tensors(tiny, tmp_path):

@@ -56,14 +56,16 @@ def test_runtime_masks_equal_the_reference_pipeline(backend, tiny_dir, fp32, cli
 
 
 def test_a_point_prompt_model_runs_the_same_on_every_backend(clip, tmp_path):
-    """`stf_point_prompt` (the embedded model's prompt: a click at STF's attention peak):
-    its two-token prompts go through the exported units; eager and ONNX Runtime give the
-    reference masks, and the prompt follows the expression."""
+    """`stf_point_prompt` (the embedded model's prompt: a click at STF's attention peak)
+    with `stf_motion_keys` (STF's keys see motion; a non-zero projection, so that it
+    counts): its two-token prompts go through the exported units; eager and ONNX Runtime
+    give the reference masks, and the prompt follows the expression."""
     from export.build import build
 
-    model = VirstModel.from_preset("tiny", seed=0, stf_point_prompt=True)
+    model = VirstModel.from_preset("tiny", seed=0, stf_point_prompt=True, stf_motion_keys=True)
     with torch.no_grad():
         model.sam2.sam_mask_decoder.pred_obj_score_head.layers[-1].bias += 1.0
+        model.seg_prompter.motion_proj.weight.normal_(0, 0.2)
     model.save_pretrained(tmp_path / "model")
     units = ["image_encoder", "anchor_step", "track_step", "seg_prompter", "vision"]
     _, checks = build("fp32", tmp_path / "art", str(tmp_path / "model"), [*units, "llm"],

@@ -10,6 +10,7 @@ from virst.stf import (
     RoPE3D,
     SegPrompter,
     attention_points,
+    frame_motion,
     rotate_pairs,
     stf_prompts,
 )
@@ -187,3 +188,30 @@ def test_point_prompts_are_sam2_clicks_at_stfs_attention_peak(prompter):
     prompter.train()
     stf_prompts(prompter, seg, img, encoder).sum().backward()
     assert prompter.decoder[-1].cross_attn.q_proj.weight.grad.abs().sum() > 0
+
+
+def test_frame_motion_is_the_change_between_neighbouring_frames():
+    x = torch.randn(2, 3, 4, 8)  # (B, T, cells, C)
+    got = frame_motion(x.reshape(2, 12, 8), 3).reshape(x.shape)
+    assert torch.equal(got[:, 0], x[:, 1] - x[:, 0])  # an edge repeats its own frame
+    assert torch.equal(got[:, 1], x[:, 2] - x[:, 0])
+    assert torch.equal(got[:, 2], x[:, 2] - x[:, 1])
+    still = x[:, :1].expand(2, 3, 4, 8).reshape(2, 12, 8)
+    assert not frame_motion(still, 3).any() and not frame_motion(x[:, 0], 1).any()
+
+
+def test_motion_keys_start_silent_then_tell_a_still_video_from_a_moving_one(prompter):
+    """`stf_motion_keys`: the added projection starts at zero (a trained STF's outputs are
+    kept); once trained, a still video's keys are unchanged and a moving one's are not."""
+    torch.manual_seed(0)
+    moving = SegPrompter(in_dim=48, token_dim=64, grid_hw=4, nhead=2, feat_hw=16,
+                         motion_keys=True).eval()
+    missing, unexpected = moving.load_state_dict(prompter.state_dict(), strict=False)
+    assert missing == ["motion_proj.weight", "motion_proj.bias"] and not unexpected
+    seg, img = torch.randn(1, 10, 48), torch.randn(1, 5, 64, 16, 16)
+    still = img[:, :1].expand_as(img).contiguous()
+    assert torch.equal(moving(seg, img), prompter(seg, img))
+    with torch.no_grad():
+        moving.motion_proj.weight.normal_()
+    assert torch.allclose(moving(seg, still), prompter(seg, still), atol=1e-6)
+    assert not torch.allclose(moving(seg, img), prompter(seg, img), atol=1e-3)

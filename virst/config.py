@@ -76,6 +76,10 @@ class VirstConfig:
     # cross-attention peaks in the frame instead of STF's 10 tokens (stf.stf_prompts).
     # Off: the release's architecture; a model folder without the field is off.
     stf_point_prompt: bool = False
+    # ours, tiny-only: STF's keys also carry each grid cell's change between the neighbouring
+    # segmentation frames, so that look-alikes that differ only by motion ("the circle that
+    # stops moving") differ in the keys (stf.frame_motion). Off: the release; old folders.
+    stf_motion_keys: bool = False
     fusion_heads: int = 8
 
     # --- frame sampling and preprocessing ---

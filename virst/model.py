@@ -42,6 +42,9 @@ from virst.tdau import FrameFeatures, TorchSam2Steps, propagate
 from virst.vlm import VideoLLM
 
 WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.json"
+# tensors a config option adds that start as a no-op (a zero projection): switching the
+# option on for a trained model keeps its part instead of restarting it
+NO_OP_ADDITIONS = ("seg_prompter.motion_proj.",)
 
 
 @contextlib.contextmanager
@@ -100,6 +103,7 @@ class VirstModel(nn.Module):
         self.seg_prompter = SegPrompter(
             cfg.llm_hidden, cfg.sam_dim, cfg.stf_grid, cfg.stf_heads, cfg.stf_layers,
             feat_hw=cfg.sam_feat_size, max_frames=cfg.stf_max_frames,
+            motion_keys=cfg.stf_motion_keys,
         )
         self.initial_seg_fusion = InitialSegFusion(
             cfg.llm_hidden, cfg.sam_dim, cfg.sam_dim, cfg.stf_grid, cfg.fusion_heads,
@@ -179,12 +183,13 @@ class VirstModel(nn.Module):
                                 seed: int = 0, **changes) -> tuple[VirstModel, list[str]]:
         """The folder's model with config fields changed (`virst train --init F --set K=V`):
         a part (seg_prompter, sam2, ...) whose tensors the change reshapes, adds or removes
-        starts fresh as a whole; the others load. Returns the model and the fresh parts
-        (refused when every part changed)."""
+        starts fresh as a whole; the others load. Tensors that start as a no-op
+        (`NO_OP_ADDITIONS`) are added without restarting their part. Returns the model and
+        the fresh parts (refused when every part changed)."""
         cfg, tokenizer, state = cls._read_folder(folder, device)
         model = cls._seeded(cfg.replace(**changes), tokenizer, seed, device)
         expected = model.state_dict()
-        changed = set(expected) ^ set(state)
+        changed = {k for k in set(expected) ^ set(state) if not k.startswith(NO_OP_ADDITIONS)}
         changed |= {k for k, v in expected.items() if k in state and state[k].shape != v.shape}
         fresh = sorted({k.split(".")[0] for k in changed})
         kept = {k: v for k, v in state.items() if k.split(".")[0] not in fresh}

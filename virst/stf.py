@@ -7,6 +7,8 @@
   rotates keys by their (t, y, x) grid cell and queries by their frame only (`RoPE3D`).
 - `stf_prompts` (ours, `stf_point_prompt`, off in the release's architecture): the prompt
   is instead a SAM2 click where the SegPrompter's last cross-attention peaks in the frame.
+- `frame_motion` (ours, `stf_motion_keys`, off in the release): the SegPrompter's keys and
+  values also carry each grid cell's change between neighbouring segmentation frames.
 
 State-dict keys equal the official release's, so its tensors load without renaming.
 This is the reference path; `kernels.stf_attention` is the fused one (same weights).
@@ -197,6 +199,16 @@ class SegPrompterLayer(nn.Module):
         return x, score
 
 
+def frame_motion(tokens: torch.Tensor, frames: int) -> torch.Tensor:
+    """(B, T*g*g, C) grid tokens in (t, y, x) order -> each cell's change across its frame,
+    next minus previous segmentation frame (the edges repeat their frame; one frame: zero).
+    A still object's cells do not change, a moving one's do, by how far and which way."""
+    b, s, c = tokens.shape
+    x = tokens.reshape(b, frames, s // frames, c)
+    padded = torch.cat([x[:, :1], x, x[:, -1:]], dim=1)
+    return (padded[:, 2:] - padded[:, :-2]).reshape(b, s, c)
+
+
 class SegPrompter(nn.Module):
     """[SEG] hidden states (B, N, in_dim) + SAM2 features (B, T, C, H, W) -> (B, N, T, C).
 
@@ -207,12 +219,18 @@ class SegPrompter(nn.Module):
     """
 
     def __init__(self, in_dim: int, token_dim: int = 256, grid_hw: int = 8, nhead: int = 8,
-                 n_layers: int = 2, feat_hw: int = 64, max_frames: int = 100):
+                 n_layers: int = 2, feat_hw: int = 64, max_frames: int = 100,
+                 motion_keys: bool = False):
         super().__init__()
         self.token_dim, self.grid_hw, self.max_frames = token_dim, grid_hw, max_frames
         steps = int(round(math.log2(feat_hw // grid_hw)))
         self.spatial_down = _downsampler(token_dim, token_dim, steps)
         self.memory_norm = nn.LayerNorm(token_dim)
+        if motion_keys:  # zero: switching it on keeps a trained model's outputs to start with
+            self.motion_proj = nn.Linear(token_dim, token_dim)
+            nn.init.zeros_(self.motion_proj.weight)
+            nn.init.zeros_(self.motion_proj.bias)
+        self.motion_keys = motion_keys
         self.seg_proj = nn.Linear(in_dim, token_dim)
         self.decoder = nn.ModuleList(
             SegPrompterLayer(token_dim, nhead, grid_hw) for _ in range(n_layers)
@@ -231,7 +249,10 @@ class SegPrompter(nn.Module):
             )
         if t > self.max_frames:
             raise ValueError(f"SegPrompter: {t} frames exceed max_frames={self.max_frames}")
-        memory = self.memory_norm(_grid_tokens(self.spatial_down, image_token))
+        tokens = _grid_tokens(self.spatial_down, image_token)
+        if self.motion_keys:
+            tokens = tokens + self.motion_proj(frame_motion(tokens, t))
+        memory = self.memory_norm(tokens)
         query = self.seg_proj(seg_token)[:, :, None, :].expand(b, n, t, self.token_dim)
         x = query.reshape(b, n * t, self.token_dim)
         pad = None if seg_mask is None else ~seg_mask.bool()[:, :, None].expand(b, n, t).flatten(1)
