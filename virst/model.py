@@ -189,7 +189,8 @@ class VirstModel(nn.Module):
         cfg, tokenizer, state = cls._read_folder(folder, device)
         model = cls._seeded(cfg.replace(**changes), tokenizer, seed, device)
         expected = model.state_dict()
-        changed = {k for k in set(expected) ^ set(state) if not k.startswith(NO_OP_ADDITIONS)}
+        added = {k for k in set(expected) - set(state) if not k.startswith(NO_OP_ADDITIONS)}
+        changed = added | (set(state) - set(expected))
         changed |= {k for k, v in expected.items() if k in state and state[k].shape != v.shape}
         fresh = sorted({k.split(".")[0] for k in changed})
         kept = {k: v for k, v in state.items() if k.split(".")[0] not in fresh}
