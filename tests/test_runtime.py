@@ -74,15 +74,23 @@ def test_a_point_prompt_model_runs_the_same_on_every_backend(clip, tmp_path):
     frames, texts = clip
     reference = model.segment(frames, texts[0])
     assert 0 < reference.mean() < 1
+    prompts, runtimes = {}, {}
     for backend in ("eager", "onnxruntime"):
-        runtime = Runtime(tmp_path / "model", backend=backend, threads=2,
+        runtime = runtimes[backend] = Runtime(tmp_path / "model", backend=backend, threads=2,
                           artifacts=tmp_path / "art" if backend != "eager" else None)
         session = runtime.session(frames)
-        prompts = session.prompts(texts[:2])
-        assert prompts.shape[:2] == (2, 2)  # (expressions, click + padding point)
-        assert not torch.allclose(prompts[0], prompts[1])
+        prompts[backend] = session.prompts(texts[:2])
+        assert prompts[backend].shape[:2] == (2, 2)  # (expressions, click + padding point)
+        assert not torch.allclose(prompts[backend][0], prompts[backend][1])
         masks = _run(runtime, frames, texts[:1])[0]
         assert region_similarity(reference, masks).min() >= 0.99, backend
+    # a random decoder's masks hardly depend on the prompt, so the motion path is checked
+    # on the prompts: ONNX Runtime's equal eager's, and without the motion they would not
+    assert torch.allclose(prompts["onnxruntime"], prompts["eager"], atol=1e-4)
+    with torch.no_grad():
+        runtimes["eager"].backend.model.seg_prompter.motion_proj.weight.zero_()
+    still = runtimes["eager"].session(frames).prompts(texts[:2])
+    assert (still - prompts["eager"]).abs().max() > 1e-2
 
 
 def test_several_expressions_in_one_pass_equal_separate_runs(tiny_dir, clip, reference):
