@@ -65,7 +65,7 @@ def test_a_point_prompt_model_runs_the_same_on_every_backend(clip, tmp_path):
     model = VirstModel.from_preset("tiny", seed=0, stf_point_prompt=True, stf_motion_keys=True)
     with torch.no_grad():
         model.sam2.sam_mask_decoder.pred_obj_score_head.layers[-1].bias += 1.0
-        model.seg_prompter.motion_proj.weight.normal_(0, 0.2)
+        model.seg_prompter.motion_proj[2].weight.normal_(0, 0.2)
     model.save_pretrained(tmp_path / "model")
     units = ["image_encoder", "anchor_step", "track_step", "seg_prompter", "vision"]
     _, checks = build("fp32", tmp_path / "art", str(tmp_path / "model"), [*units, "llm"],
@@ -88,7 +88,7 @@ def test_a_point_prompt_model_runs_the_same_on_every_backend(clip, tmp_path):
     # on the prompts: ONNX Runtime's equal eager's, and without the motion they would not
     assert torch.allclose(prompts["onnxruntime"], prompts["eager"], atol=1e-4)
     with torch.no_grad():
-        runtimes["eager"].backend.model.seg_prompter.motion_proj.weight.zero_()
+        runtimes["eager"].backend.model.seg_prompter.motion_proj[2].weight.zero_()
     still = runtimes["eager"].session(frames).prompts(texts[:2])
     assert (still - prompts["eager"]).abs().max() > 1e-2
 

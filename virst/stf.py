@@ -226,10 +226,12 @@ class SegPrompter(nn.Module):
         steps = int(round(math.log2(feat_hw // grid_hw)))
         self.spatial_down = _downsampler(token_dim, token_dim, steps)
         self.memory_norm = nn.LayerNorm(token_dim)
-        if motion_keys:  # zero: switching it on keeps a trained model's outputs to start with
-            self.motion_proj = nn.Linear(token_dim, token_dim)
-            nn.init.zeros_(self.motion_proj.weight)
-            nn.init.zeros_(self.motion_proj.bias)
+        if motion_keys:  # an MLP: "moves" is the size of the change, not linear in it
+            self.motion_proj = nn.Sequential(nn.Linear(token_dim, token_dim), nn.GELU(),
+                                             nn.Linear(token_dim, token_dim))
+            # zero output: switching it on keeps a trained model's outputs to start with
+            nn.init.zeros_(self.motion_proj[2].weight)
+            nn.init.zeros_(self.motion_proj[2].bias)
         self.motion_keys = motion_keys
         self.seg_proj = nn.Linear(in_dim, token_dim)
         self.decoder = nn.ModuleList(
