@@ -81,6 +81,17 @@ def test_a_changed_config_field_restarts_only_the_parts_it_reshapes(tiny, tmp_pa
     moving.save_pretrained(tmp_path / "moving")  # switched off again: trained tensors lost
     _, restarted = VirstModel.from_pretrained_changed(tmp_path / "moving", stf_motion_keys=False)
     assert restarted == ["seg_prompter"]
+    # a folder from when the motion projection was one linear map: that map alone restarts
+    weights = tmp_path / "moving" / "model.safetensors"
+    state = {k: v for k, v in load_file(str(weights)).items() if "motion_proj" not in k}
+    save_file({**state, "seg_prompter.motion_proj.weight": torch.ones(64, 64),
+               "seg_prompter.motion_proj.bias": torch.ones(64)}, str(weights))
+    with pytest.raises(CheckpointError, match="motion_proj"):
+        VirstModel.from_pretrained(tmp_path / "moving")
+    again, kept = VirstModel.from_pretrained_changed(tmp_path / "moving", stf_motion_keys=True)
+    new = again.state_dict()
+    assert kept == [] and all(torch.equal(state[k], new[k]) for k in state)
+    assert not new["seg_prompter.motion_proj.2.weight"].any()
 
 
 def test_checkpoint_problems_name_the_tensors(tiny, tmp_path):

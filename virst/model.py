@@ -47,6 +47,19 @@ WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.json
 NO_OP_ADDITIONS = ("seg_prompter.motion_proj.",)
 
 
+def _drop_stale_additions(state: dict, expected: dict) -> dict:
+    """The folder's tensors without those of a no-op addition whose names or shapes differ
+    from the model's (the motion projection, once a single linear map). An addition the
+    model no longer has is kept: removing trained tensors restarts their part."""
+    stale = set()
+    for prefix in NO_OP_ADDITIONS:
+        old = {k: v.shape for k, v in state.items() if k.startswith(prefix)}
+        new = {k: v.shape for k, v in expected.items() if k.startswith(prefix)}
+        if old and new and old != new:
+            stale |= set(old)
+    return {k: v for k, v in state.items() if k not in stale}
+
+
 @contextlib.contextmanager
 def init_empty_weights():
     """Build modules with parameters on the meta device: no memory, no initialisation cost."""
@@ -185,10 +198,12 @@ class VirstModel(nn.Module):
         a part (seg_prompter, sam2, ...) whose tensors the change reshapes, adds or removes
         starts fresh as a whole; the others load. Tensors that start as a no-op
         (`NO_OP_ADDITIONS`) are added without restarting their part. Returns the model and
-        the fresh parts (refused when every part changed)."""
+        the fresh parts (refused when every part changed). A no-op addition whose layout
+        changed since the folder was written restarts at its no-op start alone."""
         cfg, tokenizer, state = cls._read_folder(folder, device)
         model = cls._seeded(cfg.replace(**changes), tokenizer, seed, device)
         expected = model.state_dict()
+        state = _drop_stale_additions(state, expected)
         added = {k for k in set(expected) - set(state) if not k.startswith(NO_OP_ADDITIONS)}
         changed = added | (set(state) - set(expected))
         changed |= {k for k, v in expected.items() if k in state and state[k].shape != v.shape}

@@ -8,7 +8,8 @@
 - `stf_prompts` (ours, `stf_point_prompt`, off in the release's architecture): the prompt
   is instead a SAM2 click where the SegPrompter's last cross-attention peaks in the frame.
 - `frame_motion` (ours, `stf_motion_keys`, off in the release): the SegPrompter's keys and
-  values also carry each grid cell's change between neighbouring segmentation frames.
+  values also carry each grid cell's change between neighbouring segmentation frames,
+  read by a small MLP.
 
 State-dict keys equal the official release's, so its tensors load without renaming.
 This is the reference path; `kernels.stf_attention` is the fused one (same weights).
