@@ -309,3 +309,47 @@ def test_scratch_losses_train_stf_to_look_at_the_target(tmp_path):
     grounding = [r["grounding"] for r in trainer.losses]
     assert all("expression" in r for r in trainer.losses)
     assert np.mean(grounding[-2:]) < np.mean(grounding[:2]), grounding
+
+
+def test_ground_mode_computes_the_full_stage_language_and_grounding_losses():
+    """"ground" mode (no mask decoder) gives the token, expression and grounding losses
+    that the full stage-1 forward gives on the same sample (dropout off), and no mask loss."""
+    model = VirstModel.from_preset("tiny", seed=0).eval()
+    sample = toy_sample(0)
+    full = forward_losses(model, sample, "anchors", scratch_losses=True)
+    ground = forward_losses(model, sample, "ground", scratch_losses=True)
+    assert set(ground) == {"token", "expression", "grounding"}
+    for k in ground:
+        assert ground[k].item() == pytest.approx(full[k].item(), rel=1e-5, abs=1e-6), k
+
+
+def test_ground_mode_keeps_each_videos_features_and_trains_stf_and_llm_only(tmp_path):
+    """grounding_only: every video of the pool is built and encoded once however many
+    times it is drawn; STF and the LLM train (the grounding loss falls), SAM2 does not."""
+    calls = []
+
+    def sample_fn(i):
+        calls.append(i)
+        return toy_sample(0)
+
+    model = VirstModel.from_preset("tiny", seed=0)
+    cfg = TrainConfig(out=str(tmp_path), stages=[1], steps={1: 8}, lr={1: 2e-3},
+                      eval_videos=0, check_videos=0, warmup=0.0, save_every=100,
+                      accumulate=2, train_videos=2, scratch_losses=True, grounding_only=True)
+    sam2 = {k: v.clone() for k, v in model.sam2.state_dict().items()}
+    stf = {k: v.clone() for k, v in model.seg_prompter.state_dict().items()}
+    trainer = Trainer(model, cfg, sample_fn=sample_fn)
+    trainer.run(stop_after=8)
+    assert sorted(calls) == [0, 1]  # 16 draws, 2 videos built
+    assert all("dice" not in r for r in trainer.losses)
+    grounding = [r["grounding"] for r in trainer.losses]
+    assert np.mean(grounding[-2:]) < np.mean(grounding[:2]), grounding
+    assert all(torch.equal(v, model.sam2.state_dict()[k]) for k, v in sam2.items())
+    assert any(not torch.equal(v, model.seg_prompter.state_dict()[k]) for k, v in stf.items())
+
+
+def test_ground_mode_refuses_what_it_cannot_train():
+    with pytest.raises(ConfigError, match="scratch losses"):
+        TrainConfig(out="x", grounding_only=True, train_videos=10)
+    with pytest.raises(ConfigError, match="--train-videos"):
+        TrainConfig(out="x", grounding_only=True, scratch_losses=True)

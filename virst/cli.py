@@ -227,7 +227,8 @@ def cmd_train(args) -> None:
                       scratch_losses=(not args.init if args.scratch_losses is None
                                       else args.scratch_losses),
                       check_every=args.check_every, check_videos=args.check_videos,
-                      strategy=args.strategy, checkpointing=args.checkpointing)
+                      strategy=args.strategy, checkpointing=args.checkpointing,
+                      grounding_only=args.grounding_only, train_videos=args.train_videos)
     for stage, steps in zip(stages, args.steps or []):
         cfg.steps[stage] = steps
     for stage, lr in zip(stages, args.lr or []):
@@ -436,6 +437,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=50)
     p.add_argument("--eval-videos", type=int, default=24)
+    p.add_argument("--grounding-only", action="store_true",
+                   help="stage 1 trains where STF looks, no mask decoder, on features kept "
+                        "per training video (give --train-videos: the pool)")
+    p.add_argument("--train-videos", type=int, default=100_000,
+                   help="shapes training videos the sampler cycles over")
     p.set_defaults(run=cmd_train)
 
     p = sub.add_parser("convert", help="import the authors' released checkpoint")

@@ -24,6 +24,17 @@ from virst.train.losses import IGNORE, expression_words, frame_losses, grounding
 
 
 @dataclass
+class GroundFeatures:
+    """What "ground" mode reads of a video. Its encoders are frozen there, so the trainer
+    computes this once per training video and keeps it (about 3 MB at `tiny`, against
+    about 1 s of SAM2 image encoder per video on a CPU core)."""
+
+    level2: torch.Tensor  # (1, T, C, h, w) SAM2 features of the segmentation frames
+    video_tokens: torch.Tensor  # the video tower's tokens
+    cells: list[torch.Tensor]  # per expression (T, g, g): the target's share of each cell
+
+
+@dataclass
 class Sample:
     """A training video with its expressions and their ground-truth masks."""
 
@@ -32,6 +43,7 @@ class Sample:
     masks: list[np.ndarray]  # one (L, H, W) bool per expression
     seed: int  # frame sampling and anchor choice
     objects: np.ndarray | None = None  # (O, L, H, W) bool: every object (click training)
+    features: GroundFeatures | None = None  # "ground" mode: the frozen encoders' outputs
 
     def click_targets(self) -> np.ndarray:
         """What clicks may land on: every object, else the expressions' targets."""
@@ -159,6 +171,57 @@ def _targets_at(masks: np.ndarray, seg: list[int], size: int, device) -> torch.T
     return F.interpolate(target, size=(size, size), mode="nearest-exact")[:, 0]
 
 
+@torch.no_grad()
+def ground_features(model: VirstModel, sample: Sample) -> GroundFeatures:
+    cfg, device = model.config, model.device
+    plan = plan_frames(len(sample.frames), cfg, seed=sample.seed)
+    seg = list(plan.seg)
+    feats = encode_batch(model.sam2, to_model_input(
+        sample.frames[seg], cfg.sam_image_size, cfg.sam_resize, device))
+    video_tokens = model.vlm.encode_video(to_model_input(
+        sample.frames[list(plan.vlm)], cfg.vlm_image_size, cfg.vlm_resize, device))
+    cells = [F.adaptive_avg_pool2d(_targets_at(m, seg, cfg.sam_image_size, device)[:, None],
+                                   cfg.stf_grid)[:, 0] for m in sample.masks]
+    return GroundFeatures(feats.level2[None].clone(), video_tokens, cells)
+
+
+def _language_losses(model: VirstModel, texts: list[str], video_tokens, level2, parts):
+    """One prefill of every expression; adds each one's token (and, with the scratch
+    losses, expression) loss to `parts`; returns each one's [SEG] states (1, N, hidden)."""
+    seg_id = model.tokenizer.token_to_id(SEG_TOKEN)
+    device = video_tokens.device
+    prompts = [build_prompt(model.tokenizer, t, model.config.num_seg_tokens) for t in texts]
+    # one prefill for every expression: each module runs once per sample (FSDP2 ranks
+    # must make the same calls), and it is faster
+    hidden, positions = model.prefill(prompts, video_tokens, level2, full=True)
+    seg_states = []
+    for e, prompt in enumerate(prompts):
+        pos, labels = answer_targets(prompt, video_tokens.shape[0], seg_id)
+        logits = model.vlm.lm_head(hidden[e, pos])
+        parts["token"].append(F.cross_entropy(logits.float(), torch.tensor(labels, device=device),
+                                              ignore_index=IGNORE))
+        if "expression" in parts:
+            words = model.tokenizer.encode(normalize_expression(texts[e]),
+                                           add_special_tokens=False).ids
+            seg_logits = model.vlm.lm_head(hidden[e, positions[e]].mean(0))
+            parts["expression"].append(expression_words(seg_logits, sorted(set(words))))
+        seg_states.append(hidden[e : e + 1, positions[e]])
+    return seg_states
+
+
+def ground_losses(model: VirstModel, sample: Sample) -> dict[str, torch.Tensor]:
+    """"ground" mode (ours, `grounding_only`): where STF looks and nothing else, no mask
+    decoder: the token, expression and grounding losses on the frozen encoders' features
+    (`sample.features` when the trainer kept them)."""
+    f = sample.features or ground_features(model, sample)
+    parts: dict[str, list] = {"token": [], "expression": [], "grounding": []}
+    seg_states = _language_losses(model, sample.texts, f.video_tokens, f.level2, parts)
+    for seg_hidden, cells in zip(seg_states, f.cells):
+        _, attention = model.seg_prompter(seg_hidden, f.level2, return_attention=True)
+        parts["grounding"].append(grounding(attention, cells, model.config.stf_grid))
+    return {k: torch.stack(v).mean() for k, v in parts.items()}
+
+
 CLICK_MODES = ("clicks", "click_propagate")
 CLICK_FRAMES = 2  # frames of one video per click sample: batches mix several videos
 
@@ -173,7 +236,10 @@ def forward_losses(model: VirstModel, sample: Sample, mode: str,
     around them). Click modes (SAM2 alone, its own training in miniature): "clicks" (a
     random object per frame, a click and a corrective click), "click_propagate" (one
     object clicked on 3 random anchors, propagated). `scratch_losses` adds the "expression"
-    and "grounding" losses (losses.py) for a language model and STF trained from scratch."""
+    and "grounding" losses (losses.py) for a language model and STF trained from scratch.
+    "ground" (the VLM and STF, no mask decoder): `ground_losses`."""
+    if mode == "ground":
+        return ground_losses(model, sample)
     cfg, device = model.config, model.device
     rng = np.random.default_rng(sample.seed)
     plan = plan_frames(len(sample.frames), cfg, seed=sample.seed)
@@ -210,23 +276,9 @@ def forward_losses(model: VirstModel, sample: Sample, mode: str,
     video_tokens = model.vlm.encode_video(to_model_input(
         sample.frames[list(plan.vlm)], cfg.vlm_image_size, cfg.vlm_resize, device))
     level2 = feats.level2[None]  # (1, T, C, h, w)
-    seg_id = model.tokenizer.token_to_id(SEG_TOKEN)
-    prompts = [build_prompt(model.tokenizer, text, cfg.num_seg_tokens) for text in sample.texts]
-    # one prefill for every expression: each module runs once per sample (FSDP2 ranks
-    # must make the same calls), and it is faster
-    hidden, positions = model.prefill(prompts, video_tokens, level2, full=True)
-    for e, (prompt, mask) in enumerate(zip(prompts, sample.masks)):
+    seg_states = _language_losses(model, sample.texts, video_tokens, level2, parts)
+    for seg_hidden, mask in zip(seg_states, sample.masks):
         target = _targets_at(mask, seg, size, device)
-        pos, labels = answer_targets(prompt, video_tokens.shape[0], seg_id)
-        logits = model.vlm.lm_head(hidden[e, pos])
-        parts["token"].append(F.cross_entropy(logits.float(), torch.tensor(labels, device=device),
-                                              ignore_index=IGNORE))
-        if "expression" in parts:
-            words = model.tokenizer.encode(normalize_expression(sample.texts[e]),
-                                           add_special_tokens=False).ids
-            seg_logits = model.vlm.lm_head(hidden[e, positions[e]].mean(0))
-            parts["expression"].append(expression_words(seg_logits, sorted(set(words))))
-        seg_hidden = hidden[e : e + 1, positions[e]]
         if scratch_losses:
             prompt_tokens, attention = model.stf_prompts(seg_hidden, level2,
                                                          return_attention=True)

@@ -36,14 +36,14 @@ import torch
 from tqdm.auto import tqdm
 
 from virst.checkpoint import merge_lora
-from virst.errors import TrainingError
+from virst.errors import ConfigError, TrainingError
 from virst.eval.prompting import click_following, shapes_clips, shapes_views, track_following
 from virst.model import VirstModel, load_checked
 from virst.sam2_model import init_prompt_attention
 from virst.train import distributed as D
 from virst.train.losses import total
 from virst.train.stages import LORA_ALPHA, STAGES, apply_lora, set_trainable
-from virst.train.step import Sample, shapes_sample
+from virst.train.step import Sample, ground_features, shapes_sample
 
 
 @dataclass
@@ -80,10 +80,23 @@ class TrainConfig:
     check_videos: int = 12  # shapes valid videos of that check (0: no checks)
     check_frames: int = 8  # tracking check: a click on their first frame, tracked over the rest
     collapse_agreement: float = 0.9  # stop after stage 0 when clicks agree more than this
+    # stage 1 as "ground" mode (train/step.py, ours): where STF looks and nothing else, no
+    # mask decoder. Its encoders are frozen, so each training video's features are kept
+    # after their first use (train_videos of them, ~3 MB each at tiny): later epochs over
+    # the pool cost the VLM and STF alone, several times more expressions per minute
+    grounding_only: bool = False
+    max_kept_videos: int = 5000  # grounding_only: the pool's memory bound
 
     def __post_init__(self):
         self.steps = {int(k): int(v) for k, v in self.steps.items()}
         self.lr = {int(k): float(v) for k, v in self.lr.items()}
+        if self.grounding_only and not self.scratch_losses:
+            raise ConfigError("grounding_only trains on the grounding loss: it needs the "
+                              "scratch losses (--scratch-losses)")
+        if self.grounding_only and self.train_videos > self.max_kept_videos:
+            raise ConfigError(f"grounding_only keeps every training video's features in "
+                              f"memory: {self.train_videos} videos is more than "
+                              f"{self.max_kept_videos}; give --train-videos")
 
 
 def _schedule(optimizer, steps: int, warmup: float):
@@ -114,6 +127,7 @@ class Trainer:
         self.checks: list[dict] = []  # prompt-following checks of the current stage
         self._views = self._clips = None  # held-out frames and clips of those checks, built once
         self._wrapped_for = None
+        self._kept: dict[int, Sample] = {}  # "ground" mode: video index -> its features
         if cfg.lora and any(s in (1, 2, 3) for s in cfg.stages):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(cfg.seed)  # the adapters' init, the same on every rank
@@ -204,6 +218,25 @@ class Trainer:
             return self.cfg.accumulate, "click_propagate"
         return self.cfg.click_videos, "clicks"
 
+    def _mode(self, stage: int, forced: str | None) -> str:
+        if forced:
+            return forced
+        if stage == 1 and self.cfg.grounding_only:
+            return "ground"
+        return STAGES[stage].mode_for(self.position["step"], self.cfg.points_every,
+                                      self.model.config.frames_per_anchor)
+
+    def _sample(self, index: int, mode: str) -> Sample:
+        """The training video; in "ground" mode its frozen encoders' features, computed
+        on its first use and kept (not its frames)."""
+        if mode != "ground":
+            return self.sample_fn(index)
+        if index not in self._kept:
+            sample = self.sample_fn(index)
+            self._kept[index] = Sample(sample.frames[:0], sample.texts, [], sample.seed,
+                                       features=ground_features(self.model, sample))
+        return self._kept[index]
+
     def _step(self, stage: int) -> dict[str, float]:
         self.module.train()
         logged: dict[str, float] = {}
@@ -212,10 +245,9 @@ class Trainer:
         count, forced = self._plan_step(stage)
         start, world = self.position["seen"], self.world
         mine = self.order.mine(start, count)
-        mode = forced or STAGES[stage].mode_for(self.position["step"], self.cfg.points_every,
-                                                self.model.config.frames_per_anchor)
+        mode = self._mode(stage, forced)
         for i, index in enumerate(mine):
-            sample = self.sample_fn(index)
+            sample = self._sample(index, mode)
             torch.manual_seed(self.cfg.seed * 1_000_003 + index)  # this sample's dropout
             with D.gradient_sync(self.module, i == len(mine) - 1), torch.autocast(
                     device.type, dtype=torch.bfloat16, enabled=self._bf16()):
@@ -309,7 +341,9 @@ class Trainer:
                 self.position["step"] += 1
                 done_now += 1
                 bar.update()
-                bar.set_postfix(loss=f"{logged['loss']:.3f}", dice=f"{logged['dice']:.3f}")
+                shown = "dice" if "dice" in logged else "grounding"
+                bar.set_postfix({"loss": f"{logged['loss']:.3f}",
+                                 shown: f"{logged.get(shown, 0.0):.3f}"})
                 if (self.cfg.check_every and "sam_heads" in STAGES[stage].groups
                         and self.position["step"] % self.cfg.check_every == 0
                         and self.position["step"] < total_steps):
@@ -332,6 +366,7 @@ class Trainer:
                       "loss_curve": [round(x["loss"], 4) for x in self.losses],
                       "prompt_following": [c for c in [*self.checks, final_check] if c]}
             self.checks, self.losses = [], []
+            self._kept.clear()
             if validate is not None and self.cfg.eval_videos > 0:
                 plain = self.plain_model()
                 if self.world.main:
