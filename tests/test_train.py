@@ -335,12 +335,13 @@ def test_ground_mode_keeps_each_videos_features_and_trains_stf_and_llm_only(tmp_
     model = VirstModel.from_preset("tiny", seed=0)
     cfg = TrainConfig(out=str(tmp_path), stages=[1], steps={1: 8}, lr={1: 2e-3},
                       eval_videos=0, check_videos=0, warmup=0.0, save_every=100,
-                      accumulate=2, train_videos=2, scratch_losses=True, grounding_only=True)
+                      accumulate=2, train_videos=2, first_video=5, scratch_losses=True,
+                      grounding_only=True)
     sam2 = {k: v.clone() for k, v in model.sam2.state_dict().items()}
     stf = {k: v.clone() for k, v in model.seg_prompter.state_dict().items()}
     trainer = Trainer(model, cfg, sample_fn=sample_fn)
     trainer.run(stop_after=8)
-    assert sorted(calls) == [0, 1]  # 16 draws, 2 videos built
+    assert sorted(calls) == [5, 6]  # 16 draws, 2 videos built: the pool from first_video
     assert all("dice" not in r for r in trainer.losses)
     grounding = [r["grounding"] for r in trainer.losses]
     assert np.mean(grounding[-2:]) < np.mean(grounding[:2]), grounding

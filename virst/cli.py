@@ -228,7 +228,8 @@ def cmd_train(args) -> None:
                                       else args.scratch_losses),
                       check_every=args.check_every, check_videos=args.check_videos,
                       strategy=args.strategy, checkpointing=args.checkpointing,
-                      grounding_only=args.grounding_only, train_videos=args.train_videos)
+                      grounding_only=args.grounding_only, train_videos=args.train_videos,
+                      first_video=args.first_video)
     for stage, steps in zip(stages, args.steps or []):
         cfg.steps[stage] = steps
     for stage, lr in zip(stages, args.lr or []):
@@ -442,6 +443,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "per training video (give --train-videos: the pool)")
     p.add_argument("--train-videos", type=int, default=100_000,
                    help="shapes training videos the sampler cycles over")
+    p.add_argument("--first-video", type=int, default=0,
+                   help="index of the first of them (a pool of videos a run has not seen)")
     p.set_defaults(run=cmd_train)
 
     p = sub.add_parser("convert", help="import the authors' released checkpoint")

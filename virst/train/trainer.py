@@ -57,6 +57,7 @@ class TrainConfig:
     strategy: str = "ddp"  # with several ranks: "ddp" or "fsdp2"
     checkpointing: bool = False  # activation checkpointing of the transformer blocks
     train_videos: int = 100_000  # shapes training videos per epoch of the sampler
+    first_video: int = 0  # the sampler's videos are first_video .. first_video + train_videos - 1
     seed: int = 0
     save_every: int = 50
     eval_videos: int = 24  # shapes valid videos scored after each stage (0: skip)
@@ -244,7 +245,7 @@ class Trainer:
         self._freeze_for_step(stage)
         count, forced = self._plan_step(stage)
         start, world = self.position["seen"], self.world
-        mine = self.order.mine(start, count)
+        mine = [self.cfg.first_video + i for i in self.order.mine(start, count)]
         mode = self._mode(stage, forced)
         for i, index in enumerate(mine):
             sample = self._sample(index, mode)
