@@ -362,7 +362,9 @@ class Trainer:
             final_check = self._check_prompts(stage, bar)
             bar.close()
             self._stop_if_collapsed(stage, final_check)
-            record = {"stage": stage, "name": STAGES[stage].name, "steps": total_steps,
+            ground = stage == 1 and self.cfg.grounding_only
+            name = STAGES[stage].name + (" (grounding only)" if ground else "")
+            record = {"stage": stage, "name": name, "steps": total_steps,
                       "final_losses": _mean(self.losses[-20:]), "train_seconds": self.seconds,
                       "loss_curve": [round(x["loss"], 4) for x in self.losses],
                       "prompt_following": [c for c in [*self.checks, final_check] if c]}
