@@ -182,6 +182,7 @@ def ground_features(model: VirstModel, sample: Sample) -> GroundFeatures:
         sample.frames[list(plan.vlm)], cfg.vlm_image_size, cfg.vlm_resize, device))
     cells = [F.adaptive_avg_pool2d(_targets_at(m, seg, cfg.sam_image_size, device)[:, None],
                                    cfg.stf_grid)[:, 0] for m in sample.masks]
+    # a copy: what is kept must not hold the batch's high-resolution levels alive
     return GroundFeatures(feats.level2[None].clone(), video_tokens, cells)
 
 
