@@ -343,6 +343,9 @@ def test_ground_mode_keeps_each_videos_features_and_trains_stf_and_llm_only(tmp_
     trainer.run()
     assert trainer.history[0]["name"] == "align (grounding only)"
     assert sorted(calls) == [5, 6]  # 16 draws, 2 videos built: the pool from first_video
+    # the pool's memory is the features: no kept sample holds its video's frames alive
+    kept = trainer._sample(5, "ground")  # (the pool is freed at the stage's end)
+    assert kept.features is not None and kept.frames.size == 0 and kept.frames.base is None
     assert "dice" not in trainer.history[0]["final_losses"]
     assert trainer.history[0]["loss_curve"][-1] < trainer.history[0]["loss_curve"][0]
     assert all(torch.equal(v, model.sam2.state_dict()[k]) for k, v in sam2.items())

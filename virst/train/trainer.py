@@ -234,7 +234,9 @@ class Trainer:
             return self.sample_fn(index)
         if index not in self._kept:
             sample = self.sample_fn(index)
-            self._kept[index] = Sample(sample.frames[:0], sample.texts, [], sample.seed,
+            # an empty array of its own: a view (frames[:0]) would keep every frame alive
+            empty = np.empty((0, *sample.frames.shape[1:]), sample.frames.dtype)
+            self._kept[index] = Sample(empty, sample.texts, [], sample.seed,
                                        features=ground_features(self.model, sample))
         return self._kept[index]
 
