@@ -250,9 +250,11 @@ class SegPrompterUnit(nn.Module):
         super().__init__()
         self.prompter = model.seg_prompter
         self.clicks = model.sam2.sam_prompt_encoder if model.config.stf_point_prompt else None
+        self.click_power = model.config.stf_click_power
 
     def forward(self, seg_hidden, seg_features):
-        return stf_prompts(self.prompter, seg_hidden, seg_features, self.clicks)
+        return stf_prompts(self.prompter, seg_hidden, seg_features, self.clicks,
+                           click_power=self.click_power)
 
 
 class VisionUnit(nn.Module):

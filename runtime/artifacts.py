@@ -91,7 +91,10 @@ def ensure_artifacts(model_dir: str | Path, precision: str = "fp32",
     model_dir = Path(model_dir)
     folder = cache / "artifacts" / f"{cache_key(model_dir)}-{precision}"
     try:
-        return Artifacts(folder, precision, model_dir)
+        artifacts = Artifacts(folder, precision, model_dir)
+        if "tensorrt" in artifacts.manifest:  # written last: an interrupted build lacks it
+            return artifacts
     except CheckpointError:
-        build(precision, folder, str(model_dir), tensorrt=False, progress=False)
-        return Artifacts(folder, precision, model_dir)
+        pass
+    build(precision, folder, str(model_dir), tensorrt=False, progress=False)  # resumes
+    return Artifacts(folder, precision, model_dir)

@@ -80,6 +80,17 @@ def test_point_prompt_is_off_unless_asked_and_sets_the_prompt_size():
     assert preset("tiny", stf_point_prompt=True).prompt_tokens == 2
 
 
+def test_click_power_defaults_to_the_plain_weighting_and_is_checked():
+    """`stf_click_power` (ours): 1 in the presets and in a config written before it existed
+    (the click those models trained with); out of (0, 4] refused by name."""
+    old = preset("tiny").to_dict()
+    del old["stf_click_power"]
+    assert VirstConfig.from_dict(old).stf_click_power == 1.0 == preset("virst-7b").stf_click_power
+    for bad in (0.0, -1.0, 9.0):
+        with pytest.raises(ConfigError, match="stf_click_power"):
+            preset("tiny", stf_click_power=bad)
+
+
 def test_from_scratch_start_aligns_the_decoder_cross_attention():
     from virst.model import VirstModel
     from virst.sam2_model import init_prompt_attention

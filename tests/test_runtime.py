@@ -58,11 +58,13 @@ def test_runtime_masks_equal_the_reference_pipeline(backend, tiny_dir, fp32, cli
 def test_a_point_prompt_model_runs_the_same_on_every_backend(clip, tmp_path):
     """`stf_point_prompt` (the embedded model's prompt: a click at STF's attention peak)
     with `stf_motion_keys` (STF's keys see motion; a non-zero projection, so that it
-    counts): its two-token prompts go through the exported units; eager and ONNX Runtime
-    give the reference masks, and the prompt follows the expression."""
+    counts) and the click weighting `stf_click_power` below 1: its two-token prompts go
+    through the exported units; eager and ONNX Runtime give the reference masks, and the
+    prompt follows the expression."""
     from export.build import build
 
-    model = VirstModel.from_preset("tiny", seed=0, stf_point_prompt=True, stf_motion_keys=True)
+    model = VirstModel.from_preset("tiny", seed=0, stf_point_prompt=True, stf_motion_keys=True,
+                                   stf_click_power=0.5)
     with torch.no_grad():
         model.sam2.sam_mask_decoder.pred_obj_score_head.layers[-1].bias += 1.0
         model.seg_prompter.motion_proj[2].weight.normal_(0, 0.2)
@@ -173,6 +175,25 @@ def test_memory_bank_gathers_what_sam2_selects():
         ptr_pos = got.pointer_pos[0, :p].repeat_interleave(c // cfg.mem_dim, dim=0)
         assert torch.allclose(ptr_pos, memory_pos[s * hw:, 0], atol=1e-6)
         bank.write_frame(t, outs[t])
+
+
+def test_an_interrupted_cached_build_is_resumed_not_used(tiny_dir, fp32, tmp_path):
+    """A build that stopped part-way (a unit that failed its checks, a killed process)
+    leaves a manifest without the units after it: the cache finishes it, from the units
+    already there, instead of handing out artifacts that fail later for a missing unit."""
+    from runtime.artifacts import cache_key, ensure_artifacts
+
+    folder = tmp_path / "artifacts" / f"{cache_key(tiny_dir)}-fp32"
+    shutil.copytree(fp32[0], folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for written_last in ("constants", "llm"):
+        del manifest["artifacts"][written_last]
+    del manifest["tensorrt"]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    onnx_before = {f: f.stat().st_mtime_ns for f in folder.glob("*.onnx")}
+    arts = ensure_artifacts(tiny_dir, "fp32", cache=tmp_path)
+    assert arts.constants() and arts.llm_folder.is_dir()
+    assert {f: f.stat().st_mtime_ns for f in folder.glob("*.onnx")} == onnx_before
 
 
 def test_artifacts_for_another_model_or_precision_are_refused(tiny_dir, fp32, tmp_path):

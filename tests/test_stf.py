@@ -168,6 +168,20 @@ def test_attention_points_click_the_peak_cell_or_between_neighbours():
     assert torch.equal(attention_points(other.reshape(att.shape), 3, grid, size), points)
 
 
+def test_click_power_below_one_gives_the_peaks_neighbours_more_say():
+    """`stf_click_power`: weights attention ** power; 1 is the plain weighting."""
+    grid, size = 4, 64  # 16-px cells
+    att = _one_hot_attention(1, grid, [{(2, 1): 0.8, (2, 2): 0.2}])
+    assert torch.equal(attention_points(att, 1, grid, size, power=1.0),
+                       attention_points(att, 1, grid, size))
+    for power in (1.0, 0.5, 0.25):
+        w_peak, w_next = 0.8 ** power, 0.2 ** power
+        x = 24.0 + 16.0 * w_next / (w_peak + w_next)  # cell centres at 24 and 40 px
+        expected = torch.tensor([x, 40.0]) - 0.5
+        assert torch.allclose(attention_points(att, 1, grid, size, power=power)[0, 0],
+                              expected, atol=1e-4), power
+
+
 def test_point_prompts_are_sam2_clicks_at_stfs_attention_peak(prompter):
     from conftest import make_tiny_sam
 

@@ -80,6 +80,11 @@ class VirstConfig:
     # segmentation frames, so that look-alikes that differ only by motion ("the circle that
     # stops moving") differ in the keys (stf.frame_motion). Off: the release; old folders.
     stf_motion_keys: bool = False
+    # ours, with `stf_point_prompt`: the click is the centre of the 3 x 3 cells around the
+    # attention peak weighted by attention ** this power (stf.attention_points). 1: the
+    # weighting the shipped decoder trained with until 2026-12-03 and old folders' default;
+    # below 1 the neighbours of the peak count more (MODEL_CARD.md, "Where the click goes").
+    stf_click_power: float = 1.0
     fusion_heads: int = 8
 
     # --- frame sampling and preprocessing ---
@@ -150,6 +155,7 @@ class VirstConfig:
             (self.sam_resize in ("bilinear", "bicubic"), "sam_resize in {bilinear, bicubic}"),
             (self.vlm_resize in ("bilinear", "bicubic"), "vlm_resize in {bilinear, bicubic}"),
             (self.max_anchors_in_attn >= 2, "SAM2 needs max_anchors_in_attn >= 2"),
+            (0 < self.stf_click_power <= 4, "stf_click_power in (0, 4]"),
         ]
         bad = [msg for ok, msg in checks if not ok]
         if bad:

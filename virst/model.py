@@ -251,7 +251,8 @@ class VirstModel(nn.Module):
                     return_attention: bool = False):
         """(B, P, T_seg, C) anchor prompts from the [SEG] states (`stf.stf_prompts`)."""
         clicks = self.sam2.sam_prompt_encoder if self.config.stf_point_prompt else None
-        return stf_prompts(self.seg_prompter, seg_hidden, seg_features, clicks, return_attention)
+        return stf_prompts(self.seg_prompter, seg_hidden, seg_features, clicks, return_attention,
+                           self.config.stf_click_power)
 
     def frame_prompts(self, video: Video, plan: FramePlan, prompt: Prompt,
                       frames: FrameEncoder) -> dict[int, torch.Tensor]:

@@ -281,13 +281,15 @@ def own_frame_attention(attention: torch.Tensor, frames: int) -> torch.Tensor:
     return (probs * own).sum(4)
 
 
-def attention_points(attention: torch.Tensor, frames: int, grid: int, size: int) -> torch.Tensor:
+def attention_points(attention: torch.Tensor, frames: int, grid: int, size: int,
+                     power: float = 1.0) -> torch.Tensor:
     """Where STF looks in each frame, as a click: (B, heads, N*T, T*g*g) last-layer attention
     (queries n-major, keys t-major) -> (B, T, 2) pixel (x, y) at model resolution `size`.
 
     Each frame's own cells, attention averaged over heads and queries; the click is the
-    attention-weighted centre of the 3 x 3 cells around the peak (a cell is larger than some
-    objects, the centre of two neighbours lands between them). Differentiable in the
+    centre of the 3 x 3 cells around the peak weighted by attention ** `power` (a cell is
+    larger than some objects, the centre of two neighbours lands between them; a power
+    below 1 gives the neighbours more say). Differentiable in the
     attention except for the choice of the peak; in ONNX ops TensorRT has."""
     b = attention.shape[0]
     heat = own_frame_attention(attention, frames).mean((1, 2)).reshape(b, frames, grid, grid)
@@ -299,6 +301,8 @@ def attention_points(attention: torch.Tensor, frames: int, grid: int, size: int)
         return (d * d < 2).to(heat.dtype)
 
     near_y, near_x = near(peak // grid), near(peak % grid)
+    if power != 1.0:  # floored (by Max, an op TensorRT has): x ** power is steep at 0
+        heat = torch.maximum(heat, heat.new_tensor(1e-30)) ** power
     w = heat * near_y[..., :, None] * near_x[..., None, :]
     centre = (cells.to(heat.dtype) + 0.5) * (size / grid)
     x = (w.sum(2) * centre).sum(-1) / w.sum((2, 3))
@@ -307,7 +311,7 @@ def attention_points(attention: torch.Tensor, frames: int, grid: int, size: int)
 
 
 def stf_prompts(prompter: SegPrompter, seg_hidden: torch.Tensor, image_token: torch.Tensor,
-                point_encoder=None, return_attention: bool = False):
+                point_encoder=None, return_attention: bool = False, click_power: float = 1.0):
     """The anchor prompts of every segmentation frame, (B, P, T, C): STF's tokens, or with a
     SAM2 prompt encoder as `point_encoder` (`stf_point_prompt`, ours) the click at STF's
     attention peak with SAM2's padding point, P = 2. A decoder trained on clicks finds a
@@ -319,7 +323,8 @@ def stf_prompts(prompter: SegPrompter, seg_hidden: torch.Tensor, image_token: to
     tokens, attention = prompter(seg_hidden, image_token, return_attention=True)
     b, t = image_token.shape[:2]
     size = point_encoder.input_image_size[0]
-    points = attention_points(attention, t, prompter.grid_hw, size).reshape(b * t, 1, 2)
+    points = attention_points(attention, t, prompter.grid_hw, size,
+                              click_power).reshape(b * t, 1, 2)
     labels = torch.ones(b * t, 1, dtype=torch.int32, device=points.device)
     clicks, _ = point_encoder(points=(points, labels), boxes=None, masks=None)
     out = clicks.reshape(b, t, *clicks.shape[1:]).transpose(1, 2).to(tokens.dtype)
