@@ -81,9 +81,9 @@ class VirstConfig:
     # stops moving") differ in the keys (stf.frame_motion). Off: the release; old folders.
     stf_motion_keys: bool = False
     # ours, with `stf_point_prompt`: the click is the centre of the 3 x 3 cells around the
-    # attention peak weighted by attention ** this power (stf.attention_points). 1: the
-    # weighting the shipped decoder trained with until 2026-12-03 and old folders' default;
-    # below 1 the neighbours of the peak count more (MODEL_CARD.md, "Where the click goes").
+    # attention peak weighted by attention ** this power (stf.attention_points). 1 (the
+    # presets; folders written before the field): the plain weighting; below 1 the peak's
+    # neighbours count more (the embedded model: 0.5; MODEL_CARD.md, "Where the click goes").
     stf_click_power: float = 1.0
     fusion_heads: int = 8
 
