@@ -156,6 +156,9 @@ def test_fp16_and_bf16_graphs_carry_their_precision(tiny_dir, tmp_path):
             assert src is not None and src.op_type == "Cast"
     plan = manifest["artifacts"]["memory_encoder"]["precision_plan"]
     assert plan["precision"] == "bf16" and plan["casts_added"] > 0
+    # STF computes in fp32 (its click is an argmax); only its inputs and output are bf16
+    stf = manifest["artifacts"]["seg_prompter"]["precision_plan"]
+    assert stf["low_nodes"] == 0 and stf["fp32_nodes"] > 0, stf
     with pytest.raises(build_mod.BuildError, match="holds bf16 artifacts"):
         build("fp16", tmp_path / "b16", str(tiny_dir), units, tensorrt=False, progress=False)
 
