@@ -34,8 +34,8 @@ from virst.tdau import no_prompt_tokens
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 DEFAULT_OPSET = 23
-# per-unit fp32 scopes: ToMe's matching decides token order, keep it exact; STF whole
-# (a small share of the work): its click is the argmax of its last attention over the grid
+# per-unit fp32 scopes (prefixes): ToMe's matching decides token order, keep it exact; STF
+# whole ("": every scope): its click is the argmax of its last attention over the grid
 # cells, and bf16 inside STF moved it to another cell (prompt cosine 0.971, cp3b)
 OVERRIDES = {"vision": {"fp32_scopes": ("vlm.mm_projector",),
                         "low_scopes": ("vlm.mm_projector.mlp",)},
