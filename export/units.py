@@ -190,20 +190,6 @@ class MemoryEncoder(nn.Module):
         return maskmem
 
 
-class AnchorStep(nn.Module):
-    """Anchor frames in one call: the mask head from the prompt tokens (best of 3, pointer,
-    no-object handling) and the memory encoder on the chosen mask."""
-
-    def __init__(self, model: VirstModel):
-        super().__init__()
-        self.decoder = MaskDecoder(model, anchor=True)
-        self.memory = MemoryEncoder(model)
-
-    def forward(self, features, high_res0, high_res1, prompt):
-        logits, ious, score, ptr = self.decoder(features, high_res0, high_res1, prompt)
-        return logits, ious, score, ptr, self.memory(features, logits, score)
-
-
 class TrackStep(nn.Module):
     """A whole propagated frame in one call, at fixed shapes so that one graph (engine,
     CUDA graph) serves every frame: memory attention over `S` spatial memory slots and
@@ -339,11 +325,6 @@ def build_units(model: VirstModel, names=None, batch: int = 2, memory_frames: in
              "obj_score": rnd(batch, 1)},
             ["maskmem"], {k: {0: "batch"} for k in ("features", "mask_logits", "obj_score")},
             fp32_inputs=("mask_logits", "obj_score")),
-        "anchor_step": lambda: Unit(
-            "anchor_step", AnchorStep(model),
-            {**feats, "prompt": rnd(batch, cfg.prompt_tokens, c)},
-            [*STEP_OUTPUTS], {k: {0: "batch"} for k in (*feats, "prompt")},
-            fp32_outputs=STEP_FP32),
         "track_step": lambda: Unit(
             "track_step", TrackStep(model), track_inputs(cfg, rnd, batch, feats),
             [*STEP_OUTPUTS], {k: {0: "objects"} for k in TRACK_INPUTS},
@@ -366,6 +347,6 @@ def build_units(model: VirstModel, names=None, batch: int = 2, memory_frames: in
 
 
 UNIT_NAMES = ("image_encoder", "mask_decoder_anchor", "mask_decoder_track", "memory_attention",
-              "memory_attention_padded", "memory_encoder", "anchor_step", "track_step",
+              "memory_attention_padded", "memory_encoder", "track_step",
               "seg_prompter", "vision")
 

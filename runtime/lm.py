@@ -1,8 +1,10 @@
 """The language model step: one causal prefill per expression, read at the [SEG] positions.
 
-Prompts of several expressions run as one batch, right-padded: with causal attention a
-token never sees the padding after it, so every real position equals its unbatched value
-and no attention mask is needed. Two implementations of one interface:
+Every prompt starts with the same text and the video's tokens (the expression comes after
+them), so that shared prefix runs once and its key/value cache serves the expressions'
+suffixes, which run as one batch, right-padded: with causal attention a token never sees
+the padding after it, so every real position equals its unbatched value and no attention
+mask is needed. Two implementations of one interface:
 
 - `TorchLM`: the Qwen2 decoder in torch (the model's own, or the exported HF folder);
 - `VllmLM`: the exported folder in vLLM's pooling runner with `prompt_embeds` input and
@@ -12,6 +14,7 @@ and no attention mask is needed. Two implementations of one interface:
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import torch
@@ -33,6 +36,9 @@ class TorchLM:
         """`decoder`: a transformers Qwen2Model; `fusion`: the model's InitialSegFusion
         when its config turns stage-1 STF on."""
         self.decoder, self.fusion = decoder.eval(), fusion
+        # transformers 5 renamed the key/value cache argument (and output) `cache`
+        params = inspect.signature(decoder.forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
 
     @classmethod
     def from_folder(cls, folder: Path, device: torch.device, dtype=torch.float32) -> TorchLM:
@@ -53,9 +59,18 @@ class TorchLM:
         if self.fusion is not None:
             for e, pos in zip(embeds, positions):
                 e[pos] = self.fusion(e[pos][None], seg_features)[0]
-        batch = torch.nn.utils.rnn.pad_sequence(embeds, batch_first=True)
-        hidden = self.decoder(inputs_embeds=batch, use_cache=False).last_hidden_state
-        return torch.stack([hidden[i, pos] for i, pos in enumerate(positions)])
+        # build_prompt's prompts share the text before the video, then the video
+        same = all(p.before == prompts[0].before for p in prompts)
+        n = len(prompts[0].before) + video_tokens.shape[0] if same else 0
+        past = {}
+        if n:
+            out = self.decoder(inputs_embeds=embeds[0][None, :n], use_cache=True)
+            cache = out.cache if self._cache_arg == "cache" else out.past_key_values
+            cache.batch_repeat_interleave(len(prompts))
+            past = {self._cache_arg: cache}
+        batch = torch.nn.utils.rnn.pad_sequence([e[n:] for e in embeds], batch_first=True)
+        hidden = self.decoder(inputs_embeds=batch, use_cache=False, **past).last_hidden_state
+        return torch.stack([hidden[i, [p - n for p in pos]] for i, pos in enumerate(positions)])
 
 
 class VllmLM:

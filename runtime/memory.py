@@ -10,6 +10,10 @@ rows and validity of the fixed `S = max_memory_frames` spatial and `P = max_poin
 pointer entries of every frame. The frame loop then only gathers rows; the temporal
 encodings of pointers are computed once per video for every distance. Nothing in the loop
 depends on host values, so a GPU never waits on the host inside it.
+
+The same selection says which anchors' spatial memory is ever read (`FrameIndex.read`):
+the others skip the memory encoder, the larger half of an anchor step (the whole of it
+when every frame is an anchor, as in a clip of at most 64 frames with the embedded model).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ class FrameIndex:
     pointer: torch.Tensor  # slot per pointer entry
     distance: torch.Tensor  # row of the pointer temporal-encoding table
     pointer_valid: torch.Tensor
+    read: frozenset[int]  # anchor frames whose spatial memory some tracked frame reads
 
 
 def index_tables(cfg: VirstConfig, anchors: list[int], num_frames: int,
@@ -46,11 +51,13 @@ def index_tables(cfg: VirstConfig, anchors: list[int], num_frames: int,
             (("spatial", s_max), ("tpos", s_max), ("pointer", p_max), ("distance", p_max))}
     s_valid = torch.zeros(num_frames, s_max)
     p_valid = torch.zeros(num_frames, p_max)
+    read = set()
     for t in range(num_frames):
         if t in slot_of:
             continue  # anchors are predicted, not tracked
         plan = select_memory(t, anchors, num_frames, num_maskmem=cfg.num_maskmem,
                              max_anchors=cfg.max_anchors_in_attn, max_obj_ptrs=cfg.max_obj_ptrs)
+        read.update(f for _, f in plan.spatial if f in slot_of)
         spatial = [(slot_of[a], 0) for a in plan.anchors]
         spatial += [(k + f % r, t_pos) for t_pos, f in plan.previous]
         for i, (slot, t_pos) in enumerate(spatial):
@@ -62,7 +69,7 @@ def index_tables(cfg: VirstConfig, anchors: list[int], num_frames: int,
         p_valid[t, : len(plan.pointers)] = 1
     return FrameIndex(rows["spatial"].to(device), rows["tpos"].to(device), s_valid.to(device),
                       rows["pointer"].to(device), rows["distance"].to(device),
-                      p_valid.to(device))
+                      p_valid.to(device), frozenset(read))
 
 
 def pointer_encodings(constants: dict, cfg: VirstConfig, num_frames: int,
@@ -94,19 +101,29 @@ class MemoryBank:
         self.pointer_pos = pointer_encodings(constants, cfg, num_frames, device).to(dtype)
         self.index = index_tables(cfg, self.anchors, num_frames, device)
 
-    def _store(self, slot: int, ptr_slot: int, out: StepOutput) -> None:
+    @property
+    def anchors_read(self) -> frozenset[int]:
+        """Anchor frames whose spatial memory a tracked frame reads; only these need it."""
+        return self.index.read
+
+    def _store(self, frame: int, slot: int, ptr_slot: int, out: StepOutput) -> None:
+        self.pointers[:, ptr_slot] = out.ptr
+        if out.maskmem is None:  # only an anchor nobody reads may come without memory
+            if frame in self.index.read or frame not in self.anchor_slot:
+                raise RuntimeError(f"frame {frame}'s spatial memory is read but was not "
+                                   f"computed")
+            return
         b = self.spatial.shape[0]
         self.spatial[:, slot] = out.maskmem.reshape(b, self.cfg.mem_dim, -1).transpose(1, 2)
-        self.pointers[:, ptr_slot] = out.ptr
 
     def write_anchor(self, frame: int, out: StepOutput) -> None:
         slot = self.anchor_slot[frame]
-        self._store(slot, slot, out)
+        self._store(frame, slot, slot, out)
 
     def write_frame(self, frame: int, out: StepOutput) -> None:
         """Every frame (anchor or tracked) enters the previous-frame and pointer rings."""
         k = len(self.anchors)
-        self._store(k + frame % self.ring, k + frame % self.pointer_ring, out)
+        self._store(frame, k + frame % self.ring, k + frame % self.pointer_ring, out)
 
     def inputs(self, frame: int) -> TrackInputs:
         ix = self.index

@@ -21,6 +21,7 @@ import torch
 
 from runtime.artifacts import Artifacts, ensure_artifacts
 from runtime.backends.base import Features
+from runtime.heap import fix_mmap_threshold
 from runtime.lm import TorchLM, VllmLM
 from runtime.session import Session
 from runtime.threads import ThreadPlan
@@ -92,6 +93,11 @@ class Runtime:
             raise ConfigError(f"unknown language-model runner {lm!r}; choose torch or vllm")
         self.threads = ThreadPlan.for_cores(threads)
         self.threads.apply()
+        fix_mmap_threshold()  # peak RSS flat over runs, not only within one (runtime/heap.py)
+        # independent batches (image encoder, anchors) on both compute threads: a CPU's
+        # cores; a GPU runs them one after the other (one TensorRT context per engine)
+        self.compute_workers = 2 if self.threads.encoder_thread and self.device.type == "cpu" \
+            else 1
         # one frame at a time on a CPU: larger batches fall out of cache and run slower per
         # frame (measured: ONNX Runtime 7.6 ms/frame at 1, 9.8 at 16); a GPU wants batches
         self.encode_batch = encode_batch or (1 if self.device.type == "cpu" else 16)

@@ -3,7 +3,8 @@
     pass 1   the sampled frames only -> UMT video tokens, SAM2 features of the T_seg
              segmentation frames (both cached for every later request on this video)
     prompts  per expression: one batched LM prefill, the SegPrompter -> a prompt per frame
-    anchors  every anchor of every expression, in batched steps
+    anchors  every anchor of every expression, in batched steps side by side on the compute
+             threads; the memory encoder only where a tracked frame will read the memory
     pass 2   frames decoded and encoded in batches ahead (background thread) of the
              sequential memory loop, the objects of all expressions as the batch; masks
              upsampled in batches and handed out frame by frame
@@ -73,10 +74,9 @@ class Session:
             with self.timers("image encoder"), torch.inference_mode():
                 return rt.encode([frames[f] for f in chunk])
 
-        workers = 2 if rt.threads.encoder_thread else 1
         seg = sorted(set(plan.seg))
-        chunks = [c for c in np.array_split(seg, workers) if len(c)]
-        with ThreadPoolExecutor(workers) as pool:
+        chunks = [c for c in np.array_split(seg, rt.compute_workers) if len(c)]
+        with ThreadPoolExecutor(2 if rt.threads.encoder_thread else 1) as pool:
             tokens = pool.submit(vision)
             parts = list(pool.map(encode, chunks))
         self._video_tokens = tokens.result()
@@ -107,22 +107,33 @@ class Session:
             return torch.cat([rt.backend.seg_prompter(hidden[e : e + 1].to(rt.dtype), seg)
                               for e in range(len(expressions))])
 
-    def _anchors(self, prompts: torch.Tensor) -> dict[int, StepOutput]:
+    def _anchors(self, prompts: torch.Tensor, remember: frozenset[int]
+                 ) -> dict[int, StepOutput]:
         """Every anchor of every expression in batched steps of at most ANCHOR_BATCH
         prompts (64 anchors x 4 expressions in one call: peak RSS 1971 MB against 1035 in
-        steps of 32, shapes clip, ONNX Runtime): frame -> (E, ...)."""
-        e = prompts.shape[0]
+        steps of 32, shapes clip, ONNX Runtime), the steps on the compute threads side by
+        side: frame -> (E, ...). Only anchors in `remember` get a spatial memory."""
+        per_call = max(1, ANCHOR_BATCH // prompts.shape[0])
         frames = sorted(self.plan.anchor_frames)
-        per_call = max(1, ANCHOR_BATCH // e)
-        out: dict[int, StepOutput] = {}
-        for start in range(0, len(frames), per_call):
-            chunk = frames[start : start + per_call]
-            positions = [self.plan.anchor_frames[f] for f in chunk]
-            feats = Features.cat([self._seg.take([p]).repeat(e) for p in positions])
-            tokens = torch.cat([prompts[:, :, p] for p in positions])  # (k * E, P, C)
-            with self.timers("anchors"), torch.inference_mode():
-                step = self.rt.backend.anchor(feats, tokens)
-            out.update({f: step.take(slice(i * e, (i + 1) * e)) for i, f in enumerate(chunk)})
+        chunks = [frames[i : i + per_call] for i in range(0, len(frames), per_call)]
+        with ThreadPoolExecutor(self.rt.compute_workers) as pool:
+            parts = pool.map(lambda c: self._anchor_chunk(prompts, c, remember), chunks)
+            return {f: out for part in parts for f, out in part.items()}
+
+    def _anchor_chunk(self, prompts: torch.Tensor, frames: list[int],
+                      remember: frozenset[int]) -> dict[int, StepOutput]:
+        e, backend = prompts.shape[0], self.rt.backend
+        positions = [self.plan.anchor_frames[f] for f in frames]
+        feats = Features.cat([self._seg.take([p]).repeat(e) for p in positions])
+        tokens = torch.cat([prompts[:, :, p] for p in positions])  # (k * E, P, C)
+        with self.timers("anchors"), torch.inference_mode():
+            step = backend.anchor(feats, tokens)
+            kept = [i for i, f in enumerate(frames) if f in remember]
+            rows = [i * e + j for i in kept for j in range(e)]
+            memory = backend.memory(feats.take(rows), step.take(rows)) if rows else None
+        out = {f: step.take(slice(i * e, (i + 1) * e)) for i, f in enumerate(frames)}
+        for n, i in enumerate(kept):
+            out[frames[i]] = out[frames[i]].with_memory(memory[n * e : (n + 1) * e])
         return out
 
     # ------------------------------------------------------------------- pass 2
@@ -167,9 +178,9 @@ class Session:
         rt = self.rt
         prompts = self.prompts(expressions)
         e = len(expressions)
-        anchors = self._anchors(prompts)
-        bank = MemoryBank(rt.config, rt.backend.constants, sorted(anchors), self.length, e,
-                          rt.device, rt.dtype)
+        bank = MemoryBank(rt.config, rt.backend.constants, sorted(self.plan.anchor_frames),
+                          self.length, e, rt.device, rt.dtype)
+        anchors = self._anchors(prompts, bank.anchors_read)
         for frame, out in anchors.items():
             bank.write_anchor(frame, out)
         stream = self._encoded(keep_frames)

@@ -17,12 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from pycocotools import mask as coco_mask
 
 from virst.errors import InputError
 from virst.files import public_mode
-from virst.media import DAVIS_PALETTE, VideoEncoder
+from virst.media import VideoEncoder, write_mask_png
 
 COLORS = [(255, 40, 40), (40, 200, 255), (60, 220, 60), (255, 200, 0), (220, 80, 255)]
 
@@ -140,9 +139,8 @@ class MaskWriter:
         if self._stage is not None:
             many = len(self.expressions) > 1
             for i, mask in enumerate(fm.masks):
-                im = Image.fromarray(mask.astype(np.uint8), mode="P")
-                im.putpalette(DAVIS_PALETTE)
-                im.save(self._stage / (f"{i}/{fm.name}.png" if many else f"{fm.name}.png"))
+                write_mask_png(mask, self._stage / (f"{i}/{fm.name}.png" if many
+                                                    else f"{fm.name}.png"))
         if self._rle_file is not None:
             sep = ",\n" if self.frames_written else ""
             self._rle_file.write(sep + json.dumps(frame_record(fm)))

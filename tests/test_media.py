@@ -4,7 +4,7 @@ import torch
 from PIL import Image
 
 from virst.errors import VideoError
-from virst.media import load_video, read_mask, save_masks, write_video
+from virst.media import load_video, read_mask, save_masks, write_mask_png, write_video
 
 
 def _frames(t=5, h=24, w=32):
@@ -76,3 +76,7 @@ def test_masks_are_davis_palette_pngs_written_whole(tmp_path):
     with pytest.raises(ValueError):
         save_masks(masks, ["a"], tmp_path / "other")
     assert not (tmp_path / "other").exists()
+    labels = masks[1].astype(np.uint8) * 2  # more than 0/1: 8 bits, the values kept
+    write_mask_png(labels, tmp_path / "labels.png")
+    with Image.open(tmp_path / "labels.png") as im:
+        assert np.array_equal(np.asarray(im), labels)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import truncated_avi
 
-from runtime.backends.base import StepOutput
+from runtime.backends.base import RUNTIME_UNITS, StepOutput
 from runtime.memory import MemoryBank
 from runtime.pipeline import Runtime
 from runtime.threads import ThreadPlan, background
@@ -69,10 +69,9 @@ def test_a_point_prompt_model_runs_the_same_on_every_backend(clip, tmp_path):
         model.sam2.sam_mask_decoder.pred_obj_score_head.layers[-1].bias += 1.0
         model.seg_prompter.motion_proj[2].weight.normal_(0, 0.2)
     model.save_pretrained(tmp_path / "model")
-    units = ["image_encoder", "anchor_step", "track_step", "seg_prompter", "vision"]
-    _, checks = build("fp32", tmp_path / "art", str(tmp_path / "model"), [*units, "llm"],
-                      tensorrt=False, progress=False)
-    assert {c.unit for c in checks} >= set(units) and all(c.passed for c in checks), checks
+    _, checks = build("fp32", tmp_path / "art", str(tmp_path / "model"),
+                      [*RUNTIME_UNITS, "llm"], tensorrt=False, progress=False)
+    assert {c.unit for c in checks} >= set(RUNTIME_UNITS) and all(c.passed for c in checks), checks
     frames, texts = clip
     reference = model.segment(frames, texts[0])
     assert 0 < reference.mean() < 1
@@ -110,6 +109,32 @@ def test_several_expressions_in_one_pass_equal_separate_runs(tiny_dir, clip, ref
     assert session.cache_hits == 1  # the second request reused the video's features
 
 
+def test_the_language_model_runs_the_shared_video_prefix_once(tiny_dir, clip):
+    """Several expressions: the text before the video and the video's tokens run once, the
+    expressions' suffixes as one batch on its key/value cache; the [SEG] states equal a
+    whole-prompt pass per expression (fp32, 1e-5)."""
+    from runtime.lm import prompt_embeds
+
+    frames, texts = clip
+    runtime = Runtime(tiny_dir, backend="eager", threads=1)
+    session = runtime.session(frames)
+    prompts = [runtime.build_prompt(t) for t in [*texts, "which one moves fastest?"]]
+    tokens, lm = session.video_tokens(), runtime.lm
+    lengths, forward = [], lm.decoder.forward
+    lm.decoder.forward = lambda *a, **k: lengths.append(k["inputs_embeds"].shape[:2]) or \
+        forward(*a, **k)
+    got = lm.seg_hidden(prompts, tokens)
+    lm.decoder.forward = forward
+    prefix = len(prompts[0].before) + len(tokens)
+    assert lengths[0] == (1, prefix) and lengths[1][0] == len(prompts)
+    assert lengths[1][1] == max(len(p.inference_after) for p in prompts)
+    with torch.inference_mode():
+        for e, p in enumerate(prompts):
+            whole = lm.decoder(inputs_embeds=prompt_embeds(lm.embed, p, tokens)[None],
+                               use_cache=False).last_hidden_state[0]
+            assert torch.allclose(got[e], whole[p.seg_positions(len(tokens))], atol=1e-5)
+
+
 def test_anchors_decoded_in_bounded_batches_equal_one_batch(tiny_dir, clip, monkeypatch):
     """`ANCHOR_BATCH` bounds the prompts per anchor call (peak memory with many anchors and
     expressions); the masks are those of one call for all."""
@@ -128,6 +153,29 @@ def test_anchors_decoded_in_bounded_batches_equal_one_batch(tiny_dir, clip, monk
     assert calls == [6] * (anchors // 2) + [3] * (anchors % 2)
     for e in range(len(texts)):
         assert region_similarity(whole[e], chunked[e]).min() >= 0.999
+
+
+def test_anchors_nobody_reads_skip_the_memory_encoder(tiny_dir, clip, reference):
+    """The memory encoder runs on exactly the anchors whose memory a tracked frame reads:
+    all of them with anchors every 4th frame, none when every frame is an anchor (the
+    embedded model on a short clip); the masks stay the reference's, anchors split over
+    both compute threads."""
+    frames, texts = clip
+    every = VirstModel.from_preset("tiny", seed=0, frames_per_anchor=1)
+    for model, expect in ((VirstModel.from_pretrained(tiny_dir), reference[0]),
+                          (every, every.segment(frames, texts[0]))):
+        runtime = Runtime(model, backend="eager", threads=2)
+        assert runtime.compute_workers == 2
+        rows, run = [], runtime.backend._run
+        runtime.backend._run = lambda unit, *a, rows=rows, run=run: (
+            rows.append(len(a[0])) if unit == "memory_encoder" else None) or run(unit, *a)
+        session = runtime.session(frames)
+        masks = np.stack([f.masks[0] for f in session.segment(texts[:1])])
+        anchors = sorted(session.plan.anchor_frames)
+        tracked = len(frames) - len(anchors)
+        assert tracked == 0 if model is every else tracked > 0
+        assert sum(rows) == (0 if model is every else len(anchors))
+        assert region_similarity(expect, masks).min() >= 0.99
 
 
 def test_memory_bank_gathers_what_sam2_selects():
@@ -175,6 +223,43 @@ def test_memory_bank_gathers_what_sam2_selects():
         ptr_pos = got.pointer_pos[0, :p].repeat_interleave(c // cfg.mem_dim, dim=0)
         assert torch.allclose(ptr_pos, memory_pos[s * hw:, 0], atol=1e-6)
         bank.write_frame(t, outs[t])
+
+
+def test_only_anchors_the_bank_reads_need_a_memory():
+    """`MemoryBank.anchors_read` is SAM2's selection: with dense anchors 0-10 and 20 over 30
+    frames, the tracked frames read 5-10 (the closest three or the last six frames) and
+    20, never 0-4. The other anchors' memory is left NaN and no tracked frame sees a NaN;
+    an anchor that is read but comes without memory is refused."""
+    cfg = preset("tiny")
+    sam = VirstModel.from_preset("tiny").sam2
+    consts = {"maskmem_tpos_enc": sam.maskmem_tpos_enc.detach(),
+              "obj_ptr_tpos_proj.weight": sam.obj_ptr_tpos_proj.weight.detach(),
+              "obj_ptr_tpos_proj.bias": sam.obj_ptr_tpos_proj.bias.detach()}
+    frames, anchors = 30, [*range(11), 20]
+    bank = MemoryBank(cfg, consts, anchors, frames, 1, torch.device("cpu"))
+    assert bank.anchors_read == {5, 6, 7, 8, 9, 10, 20}
+    f = cfg.sam_feat_size
+
+    def output(memory: bool):
+        return StepOutput(torch.zeros(1, 1, 4, 4), torch.zeros(1, 3), torch.ones(1, 1),
+                          torch.randn(1, cfg.sam_dim),
+                          torch.randn(1, cfg.mem_dim, f, f) if memory else None)
+
+    with pytest.raises(RuntimeError, match="frame 5's spatial memory is read"):
+        bank.write_anchor(5, output(memory=False))
+    bank.spatial.fill_(float("nan"))
+    outs = {t: output(memory=t not in anchors or t in bank.anchors_read)
+            for t in range(frames)}
+    for a in anchors:
+        bank.write_anchor(a, outs[a])
+    for t in range(frames):
+        if t not in anchors:
+            got = bank.inputs(t)
+            s = int(got.memory_valid.sum())
+            assert s > 0 and torch.isfinite(got.memory[0, :s]).all(), t
+        bank.write_frame(t, outs[t])
+    assert MemoryBank(cfg, consts, list(range(frames)), frames, 1,
+                      torch.device("cpu")).anchors_read == frozenset()
 
 
 def test_an_interrupted_cached_build_is_resumed_not_used(tiny_dir, fp32, tmp_path):
@@ -340,8 +425,8 @@ class FakeEngine:
 
         self.trt, self.module = trt, trt.units[unit]
         self.inputs = list(inspect.signature(self.module.forward).parameters)
-        self.outputs = [f"out{i}" for i in range(5 if unit.endswith("_step") else
-                                                 3 if unit == "image_encoder" else 1)]
+        outputs = {"image_encoder": 3, "mask_decoder_anchor": 4, "track_step": 5}
+        self.outputs = [f"out{i}" for i in range(outputs.get(unit, 1))]
         self.num_io_tensors = len(self.inputs) + len(self.outputs)
 
     def get_tensor_name(self, i):
@@ -409,7 +494,7 @@ def test_tensorrt_backend_runs_engines_from_the_manifest(tiny_dir, fp32, clip, r
         TensorRTBackend(Artifacts(folder), torch.device("cpu"), trt=FakeTensorRT({}))
     manifest = json.loads((folder / "manifest.json").read_text())
     (folder / "tensorrt").mkdir()
-    for unit in ("image_encoder", "anchor_step", "track_step", "seg_prompter", "vision"):
+    for unit in RUNTIME_UNITS:
         engine = folder / "tensorrt" / f"{unit}.engine"
         engine.write_bytes(unit.encode())
         manifest["artifacts"][f"trt:{unit}"] = {

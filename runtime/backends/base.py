@@ -8,11 +8,15 @@ eager or compiled) or from the exported artifacts (ONNX Runtime, TensorRT).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from virst.config import VirstConfig
+
+# the exported units a backend runs (`export/units.py` builds these and a few more)
+RUNTIME_UNITS = ("image_encoder", "mask_decoder_anchor", "memory_encoder", "track_step",
+                 "seg_prompter", "vision")
 
 
 @dataclass
@@ -53,10 +57,14 @@ class StepOutput:
     ious: torch.Tensor  # (B, 3) predicted IoU of the candidates
     score: torch.Tensor  # (B, 1) object score logit (<= 0: absent)
     ptr: torch.Tensor  # (B, C) object pointer
-    maskmem: torch.Tensor  # (B, Cm, h, w) the frame's spatial memory
+    maskmem: torch.Tensor | None  # (B, Cm, h, w) the frame's spatial memory; None on an
+    # anchor that no tracked frame reads (its memory encoder is skipped)
 
     def take(self, idx) -> StepOutput:
-        return StepOutput(*(x[idx] for x in self.as_tuple()))
+        return StepOutput(*(None if x is None else x[idx] for x in self.as_tuple()))
+
+    def with_memory(self, maskmem: torch.Tensor) -> StepOutput:
+        return replace(self, maskmem=maskmem)
 
     def as_tuple(self):
         return self.logits, self.ious, self.score, self.ptr, self.maskmem
@@ -94,7 +102,12 @@ class Backend:
         return Features(*self._run("image_encoder", pixels))
 
     def anchor(self, feats: Features, prompt: torch.Tensor) -> StepOutput:
-        return StepOutput(*self._run("anchor_step", *feats.as_tuple(), prompt))
+        """Anchor masks from their prompt tokens, without memory (see `memory`)."""
+        return StepOutput(*self._run("mask_decoder_anchor", *feats.as_tuple(), prompt), None)
+
+    def memory(self, feats: Features, step: StepOutput) -> torch.Tensor:
+        """The spatial memory of a step's chosen masks: (B, Cm, h, w)."""
+        return self._run("memory_encoder", feats.level2, step.logits, step.score)[0]
 
     def track(self, feats: Features, memory: TrackInputs) -> StepOutput:
         m = memory

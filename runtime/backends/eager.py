@@ -5,7 +5,14 @@ from __future__ import annotations
 
 import torch
 
-from export.units import AnchorStep, ImageEncoder, SegPrompterUnit, TrackStep, VisionUnit
+from export.units import (
+    ImageEncoder,
+    MaskDecoder,
+    MemoryEncoder,
+    SegPrompterUnit,
+    TrackStep,
+    VisionUnit,
+)
 from runtime.backends.base import Backend
 from virst.model import VirstModel
 
@@ -24,7 +31,9 @@ class EagerBackend(Backend):
         self.model = model.to(device).eval()
         self.config, self.device = model.config, device
         self.constants = model_constants(model)
-        self.units = {"image_encoder": ImageEncoder(model), "anchor_step": AnchorStep(model),
+        self.units = {"image_encoder": ImageEncoder(model),
+                      "mask_decoder_anchor": MaskDecoder(model, anchor=True),
+                      "memory_encoder": MemoryEncoder(model),
                       "track_step": TrackStep(model), "seg_prompter": SegPrompterUnit(model),
                       "vision": VisionUnit(model)}
         for unit in self.units.values():

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from runtime.artifacts import Artifacts
-from runtime.backends.base import Backend
+from runtime.backends.base import RUNTIME_UNITS, Backend
 from virst.errors import ConfigError
 
 NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
@@ -41,7 +41,7 @@ class OrtBackend(Backend):
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
         self.sessions = {}
-        for unit in ("image_encoder", "anchor_step", "track_step", "seg_prompter", "vision"):
+        for unit in RUNTIME_UNITS:
             path = artifacts.onnx_file(unit)
             sess = ort.InferenceSession(str(path), opts, providers=[provider])
             got = sess.get_providers()

@@ -8,10 +8,8 @@ from __future__ import annotations
 import torch
 
 from runtime.artifacts import Artifacts
-from runtime.backends.base import Backend
+from runtime.backends.base import RUNTIME_UNITS, Backend
 from virst.errors import CheckpointError, ConfigError
-
-UNITS = ("image_encoder", "anchor_step", "track_step", "seg_prompter", "vision")
 
 
 def _torch_dtype(trt, dtype) -> torch.dtype:
@@ -72,7 +70,7 @@ class TensorRTBackend(Backend):
         self.config, self.device, self.artifacts = artifacts.config, device, artifacts
         self.constants = {k: v.to(device) for k, v in artifacts.constants().items()}
         self.runners = {}
-        for unit in UNITS:
+        for unit in RUNTIME_UNITS:
             files = artifacts.manifest["artifacts"].get(f"trt:{unit}", {}).get("files")
             if not files:
                 raise CheckpointError(f"{artifacts.folder} has no TensorRT engine for {unit}: "
