@@ -5,10 +5,10 @@ swung between 0.6 and 3.6 FPS on 2 cores, one thread gave 22-24 FPS). So the run
 splits the cores it is given between pipeline stages itself:
 
     1 core      everything in the calling thread, one compute thread
-    2-3 cores   a background thread decodes and runs the image encoder ahead of the frame
-                loop (the calling thread: memory loop and mask writing); 1 intra-op thread
-    4+ cores    decoding and mask writing get threads of their own too, and the two compute
-                threads share the rest as intra-op threads
+    2+ cores    a background thread decodes and runs the image encoder ahead of the frame
+                loop (the calling thread: memory loop and mask writing); batches that do not
+                depend on each other (segmentation frames, anchors) run on both; the two
+                compute threads share the cores as intra-op threads (1 each on 2-3 cores)
 """
 
 from __future__ import annotations
@@ -36,27 +36,18 @@ def available_cores() -> int:
 class ThreadPlan:
     cores: int
     intra_op: int  # torch / ONNX Runtime threads per compute thread
-    encoder_thread: bool  # image encoder (and decoding) ahead of the frame loop
-    decode_thread: bool  # decoding in a thread of its own
-    writer_thread: bool  # mask writing in a thread of its own
+    encoder_thread: bool  # image encoder and decoding ahead of the frame loop
 
     @classmethod
     def for_cores(cls, cores: int | None = None) -> ThreadPlan:
         cores = max(1, cores or available_cores())
-        if cores == 1:
-            return cls(1, 1, False, False, False)
-        if cores < 4:
-            return cls(cores, 1, True, False, False)
-        return cls(cores, max(1, (cores - 2) // 2), True, True, True)
+        return cls(cores, max(1, cores // 2), cores > 1)
 
     def apply(self) -> None:
         torch.set_num_threads(self.intra_op)
 
     def describe(self) -> str:
-        parts = ["frame loop"] + (["encoder" + ("" if self.decode_thread else " + decode")]
-                                  if self.encoder_thread else [])
-        parts += (["decode"] if self.decode_thread else []) + (
-            ["writer"] if self.writer_thread else [])
+        parts = ["frame loop"] + (["encoder + decode"] if self.encoder_thread else [])
         return (f"{self.cores} cores: threads {', '.join(parts)}; "
                 f"{self.intra_op} intra-op thread(s) each")
 

@@ -379,10 +379,9 @@ def test_background_stage_passes_errors_and_stops_early():
     stream = background(iter(range(1000)), maxsize=2)
     assert next(stream) == 0
     stream.close()  # the producer thread ends instead of blocking on a full queue
-    assert ThreadPlan.for_cores(1).encoder_thread is False
-    assert ThreadPlan.for_cores(2) == ThreadPlan(2, 1, True, False, False)
-    plan = ThreadPlan.for_cores(8)
-    assert plan.decode_thread and plan.writer_thread and plan.intra_op == 3
+    assert ThreadPlan.for_cores(1) == ThreadPlan(1, 1, False)
+    assert ThreadPlan.for_cores(2) == ThreadPlan(2, 1, True)
+    assert ThreadPlan.for_cores(8) == ThreadPlan(8, 4, True)  # two compute threads
 
 
 class FakeTensorRT:
