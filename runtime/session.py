@@ -2,7 +2,8 @@
 
     pass 1   the sampled frames only -> UMT video tokens, SAM2 features of the T_seg
              segmentation frames (both cached for every later request on this video)
-    prompts  per expression: one batched LM prefill, the SegPrompter -> a prompt per frame
+    prompts  the LM's text + video prefix once, the expressions' suffixes as one batch on
+             its cache, the SegPrompter per expression -> a prompt per frame
     anchors  every anchor of every expression, in batched steps side by side on the compute
              threads; the memory encoder only where a tracked frame will read the memory
     pass 2   frames decoded and encoded in batches ahead (background thread) of the

@@ -7,7 +7,7 @@ splits the cores it is given between pipeline stages itself:
     1 core      everything in the calling thread, one compute thread
     2+ cores    a background thread decodes and runs the image encoder ahead of the frame
                 loop (the calling thread: memory loop and mask writing); batches that do not
-                depend on each other (segmentation frames, anchors) run on both; the two
+                depend on each other (segmentation frames, anchors) run on both on a CPU; the two
                 compute threads share the cores as intra-op threads (1 each on 2-3 cores)
 """
 
