@@ -218,14 +218,15 @@ class Worker:
                 self.error = self._failure()
 
     def result(self) -> dict:
+        final = None
         if self.error is None:
             self.proc.stdin.close()
             final = self._answer()
             self.proc.wait()
-            if final is not None:
-                return final
-            self.error = self._failure()
-        return {"error": self.error}
+            if final is None:
+                self.error = self._failure()
+        self.log.close()
+        return final if final is not None else {"error": self.error}
 
 
 def measure(specs: list[dict], runs: int, logs: Path) -> list[dict]:
@@ -286,6 +287,8 @@ def main(argv=None) -> int:
                     help="also compare peak RSS on an N-frame and a 64-frame 768x576 video")
     ap.add_argument("--json", help="write every measurement here")
     args = ap.parse_args(argv)
+    if args.runs < 1:
+        ap.error("--runs must be at least 1")
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return 0

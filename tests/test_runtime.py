@@ -13,6 +13,7 @@ import torch
 from conftest import truncated_avi
 
 from runtime.backends.base import RUNTIME_UNITS, StepOutput
+from runtime.backends.eager import model_constants
 from runtime.memory import MemoryBank
 from runtime.pipeline import Runtime
 from runtime.threads import ThreadPlan, background
@@ -182,7 +183,8 @@ def test_memory_bank_gathers_what_sam2_selects():
     """The fixed-size bank's padded inputs hold exactly the memories, encodings and
     pointers of the reference selection (`gather_memory`), for every frame."""
     cfg = preset("tiny")
-    sam = VirstModel.from_preset("tiny").sam2
+    model = VirstModel.from_preset("tiny")
+    sam, consts = model.sam2, model_constants(model)
     frames, anchors = 30, [0, 9, 17, 29]
     g = torch.Generator().manual_seed(0)
     hw, c = cfg.sam_feat_size**2, cfg.sam_dim
@@ -193,9 +195,6 @@ def test_memory_bank_gathers_what_sam2_selects():
                           torch.randn(1, cfg.mem_dim, cfg.sam_feat_size, cfg.sam_feat_size,
                                       generator=g).to(torch.bfloat16).float())
 
-    consts = {"maskmem_tpos_enc": sam.maskmem_tpos_enc.detach(),
-              "obj_ptr_tpos_proj.weight": sam.obj_ptr_tpos_proj.weight.detach(),
-              "obj_ptr_tpos_proj.bias": sam.obj_ptr_tpos_proj.bias.detach()}
     bank = MemoryBank(cfg, consts, anchors, frames, 1, torch.device("cpu"))
     outs = {t: output() for t in range(frames)}
     ref_bank = {}
@@ -231,10 +230,7 @@ def test_only_anchors_the_bank_reads_need_a_memory():
     20, never 0-4. The other anchors' memory is left NaN and no tracked frame sees a NaN;
     an anchor that is read but comes without memory is refused."""
     cfg = preset("tiny")
-    sam = VirstModel.from_preset("tiny").sam2
-    consts = {"maskmem_tpos_enc": sam.maskmem_tpos_enc.detach(),
-              "obj_ptr_tpos_proj.weight": sam.obj_ptr_tpos_proj.weight.detach(),
-              "obj_ptr_tpos_proj.bias": sam.obj_ptr_tpos_proj.bias.detach()}
+    consts = model_constants(VirstModel.from_preset("tiny"))
     frames, anchors = 30, [*range(11), 20]
     bank = MemoryBank(cfg, consts, anchors, frames, 1, torch.device("cpu"))
     assert bank.anchors_read == {5, 6, 7, 8, 9, 10, 20}
