@@ -134,7 +134,8 @@ def _one_run(target, spec: dict, video: Path,
 
     session = target.session(video)
     kept, frames = [], 0
-    with MaskWriter(texts, session.source.size, folder=out) as writer:
+    with MaskWriter(texts, session.source.size, folder=out,
+                    background=target.threads.writer_thread) as writer:
         for frame in session.segment(texts):
             frames += 1
             t0 = time.perf_counter()

@@ -6,9 +6,14 @@ splits the cores it is given between pipeline stages itself:
 
     1 core      everything in the calling thread, one compute thread
     2+ cores    a background thread decodes and runs the image encoder ahead of the frame
-                loop (the calling thread: memory loop and mask writing); batches that do not
-                depend on each other (segmentation frames, anchors) run on both on a CPU; the two
-                compute threads share the cores as intra-op threads (1 each on 2-3 cores)
+                loop (the calling thread: the memory loop); batches that do not depend on
+                each other (segmentation frames, anchors) run on both on a CPU; the two
+                compute threads share the cores as intra-op threads (1 each on 2-3 cores);
+                a writer thread encodes and writes the masks (PNG, RLE, overlay) the frame
+                loop hands it. It is not a compute thread: PNG and H.264 encoding run in C
+                outside the GIL, in bursts, and no thread pool spins while it waits (what
+                made torch's default threading swing), so the compute threads still get
+                the cores (measured in benchmarks/fps.py: faster with it than without)
 """
 
 from __future__ import annotations
@@ -37,17 +42,19 @@ class ThreadPlan:
     cores: int
     intra_op: int  # torch / ONNX Runtime threads per compute thread
     encoder_thread: bool  # image encoder and decoding ahead of the frame loop
+    writer_thread: bool  # masks encoded and written beside the frame loop
 
     @classmethod
     def for_cores(cls, cores: int | None = None) -> ThreadPlan:
         cores = max(1, cores or available_cores())
-        return cls(cores, max(1, cores // 2), cores > 1)
+        return cls(cores, max(1, cores // 2), cores > 1, cores > 1)
 
     def apply(self) -> None:
         torch.set_num_threads(self.intra_op)
 
     def describe(self) -> str:
-        parts = ["frame loop"] + (["encoder + decode"] if self.encoder_thread else [])
+        parts = (["frame loop"] + (["encoder + decode"] if self.encoder_thread else [])
+                 + (["mask writer"] if self.writer_thread else []))
         return (f"{self.cores} cores: threads {', '.join(parts)}; "
                 f"{self.intra_op} intra-op thread(s) each")
 

@@ -1,7 +1,10 @@
 """Writing masks as they come: a PNG folder, COCO RLE (pycocotools) as JSON, an overlay
-video. Every output is staged on its own filesystem (a hidden folder inside the output
-folder, a hidden file beside each output file) and moved into place only when the whole
-video is done; an error removes the staging and leaves the outputs as they were.
+video; on a writer thread when asked (`background`: the frame loop hands each frame over and
+goes on; a bounded queue keeps memory flat; an error there is raised in the caller).
+
+Every output is staged on its own filesystem (a hidden folder inside the output folder, a
+hidden file beside each output file) and moved into place only when the whole video is
+done; an error removes the staging and leaves the outputs as they were.
 
 Checked before any work (`MaskWriter.__init__`): the output folder is not a file, is
 writable, and is empty unless `overwrite` (which then replaces its masks whole).
@@ -11,8 +14,10 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import shutil
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +27,9 @@ from pycocotools import mask as coco_mask
 from virst.errors import InputError
 from virst.files import public_mode
 from virst.media import VideoEncoder, write_mask_png
+
+WRITE_AHEAD = 16  # frames queued for the writer thread, at most
+_END = object()
 
 COLORS = [(255, 40, 40), (40, 200, 255), (60, 220, 60), (255, 200, 0), (220, 80, 255)]
 
@@ -74,7 +82,7 @@ def _is_mask_entry(path: Path) -> bool:
 class MaskWriter:
     def __init__(self, expressions: list[str], size: tuple[int, int], *, folder=None,
                  rle_path=None, overlay_path=None, fps: float = 10.0, overwrite: bool = False,
-                 label: str = ""):
+                 label: str = "", background: bool = False):
         self.expressions, self.size = list(expressions), size
         self.folder = Path(folder) if folder else None
         self.rle_path = Path(rle_path) if rle_path else None
@@ -84,6 +92,9 @@ class MaskWriter:
         self._created, self._stage, self._files = [], None, []
         self._rle_file = self._video = None
         self.frames_written = 0
+        self.background = background
+        self._queue = self._thread = self._failure = None
+        self._discard = False
 
     @property
     def wants_frames(self) -> bool:
@@ -126,6 +137,11 @@ class MaskWriter:
         if self.overlay_path:
             self._video_tmp = self._partial(self.overlay_path)
             self._video = VideoEncoder(self._video_tmp, self.size, self.fps)
+        if self.background:
+            self._queue, self._discard = queue.Queue(WRITE_AHEAD), False
+            self._thread = threading.Thread(target=self._drain, name="virst-writer",
+                                            daemon=True)
+            self._thread.start()
         return self
 
     @staticmethod
@@ -136,6 +152,33 @@ class MaskWriter:
         return Path(name)
 
     def write(self, fm: FrameMasks) -> None:
+        """Write one frame's outputs, or hand them to the writer thread (which raises its
+        error here, at the next frame, or at `commit`)."""
+        if self._thread is None:
+            self._write_now(fm)
+            return
+        self._raise_failure()
+        self._queue.put(fm)  # blocks while WRITE_AHEAD frames wait: memory stays flat
+
+    def _drain(self) -> None:
+        while (fm := self._queue.get()) is not _END:
+            if self._failure is None and not self._discard:
+                try:
+                    self._write_now(fm)
+                except BaseException as err:  # raised in the caller's thread
+                    self._failure = err
+
+    def _join(self) -> None:
+        if self._thread is not None:
+            self._queue.put(_END)
+            self._thread.join()
+            self._thread = None
+
+    def _raise_failure(self) -> None:
+        if self._failure is not None:
+            raise self._failure
+
+    def _write_now(self, fm: FrameMasks) -> None:
         if self._stage is not None:
             many = len(self.expressions) > 1
             for i, mask in enumerate(fm.masks):
@@ -149,7 +192,10 @@ class MaskWriter:
         self.frames_written += 1
 
     def commit(self) -> None:
-        """Move every staged output into place (same filesystem: atomic renames)."""
+        """Move every staged output into place (same filesystem: atomic renames), once
+        every frame is written."""
+        self._join()
+        self._raise_failure()
         if self._rle_file is not None:
             self._rle_file.write("\n]}\n")
             self._rle_file.close()
@@ -173,6 +219,8 @@ class MaskWriter:
 
     def abort(self) -> None:
         """Remove everything staged; folders this writer created go too."""
+        self._discard = True  # the writer thread drops what is still queued
+        self._join()
         if self._rle_file is not None:
             self._rle_file.close()
             Path(self._rle_tmp).unlink(missing_ok=True)
@@ -189,10 +237,14 @@ class MaskWriter:
         return self.open()
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.commit()
-        else:
+        if exc_type is not None:
             self.abort()
+            return
+        try:
+            self.commit()
+        except BaseException:
+            self.abort()
+            raise
 
 
 def overlay_frame(frame: np.ndarray, masks: np.ndarray, alpha: float = 0.5) -> np.ndarray:

@@ -375,9 +375,9 @@ def test_background_stage_passes_errors_and_stops_early():
     stream = background(iter(range(1000)), maxsize=2)
     assert next(stream) == 0
     stream.close()  # the producer thread ends instead of blocking on a full queue
-    assert ThreadPlan.for_cores(1) == ThreadPlan(1, 1, False)
-    assert ThreadPlan.for_cores(2) == ThreadPlan(2, 1, True)
-    assert ThreadPlan.for_cores(8) == ThreadPlan(8, 4, True)  # two compute threads
+    assert ThreadPlan.for_cores(1) == ThreadPlan(1, 1, False, False)
+    assert ThreadPlan.for_cores(2) == ThreadPlan(2, 1, True, True)
+    assert ThreadPlan.for_cores(8) == ThreadPlan(8, 4, True, True)  # two compute threads
 
 
 class FakeTensorRT:

@@ -45,6 +45,7 @@ def cmd_segment(args) -> None:
     runtime = Runtime(args.model, backend=args.backend, device=args.device,
                       precision=args.precision, artifacts=args.artifacts, threads=args.threads)
     runtime.check_expressions(expressions)
+    writer.background = runtime.threads.writer_thread
     session = runtime.session(source, seed=args.seed)
     start = time.perf_counter()
     with writer, tqdm(total=session.length, desc="segment", unit="frame") as bar:
@@ -137,7 +138,8 @@ def cmd_demo(args) -> None:
         start = time.perf_counter()
         kept = []
         with MaskWriter(texts, session.source.size, folder=folder / "masks",
-                        overlay_path=folder / "overlay.mp4", fps=10, overwrite=True) as writer:
+                        overlay_path=folder / "overlay.mp4", fps=10, overwrite=True,
+                        background=runtime.threads.writer_thread) as writer:
             for frame in session.segment(texts, keep_frames=True):
                 writer.write(frame)
                 kept.append(frame.masks)
