@@ -18,6 +18,7 @@ import queue
 import shutil
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,6 +93,7 @@ class MaskWriter:
         self._created, self._stage, self._files = [], None, []
         self._rle_file = self._video = None
         self.frames_written = 0
+        self.seconds = 0.0  # spent writing (on the writer thread when `background`)
         self.background = background
         self._queue = self._thread = self._failure = None
         self._discard = False
@@ -179,6 +181,7 @@ class MaskWriter:
             raise self._failure
 
     def _write_now(self, fm: FrameMasks) -> None:
+        start = time.perf_counter()
         if self._stage is not None:
             many = len(self.expressions) > 1
             for i, mask in enumerate(fm.masks):
@@ -190,6 +193,7 @@ class MaskWriter:
         if self._video is not None:
             self._video.add(overlay_frame(fm.frame, fm.masks))
         self.frames_written += 1
+        self.seconds += time.perf_counter() - start
 
     def commit(self) -> None:
         """Move every staged output into place (same filesystem: atomic renames), once

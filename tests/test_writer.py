@@ -36,8 +36,9 @@ def _threads() -> list[str]:
 
 
 def test_the_writer_thread_writes_what_the_caller_would(tmp_path):
-    _write(tmp_path / "caller", background=False, overlay=True)
-    _write(tmp_path / "thread", background=True, overlay=True)
+    writers = [_write(tmp_path / "caller", background=False, overlay=True),
+               _write(tmp_path / "thread", background=True, overlay=True)]
+    assert all(w.seconds > 0 and w.frames_written == 20 for w in writers)  # timed where written
     files = sorted(p.relative_to(tmp_path / "caller") for p in (tmp_path / "caller").rglob("*.png"))
     assert len(files) == 40
     for rel in files:
