@@ -3,7 +3,8 @@
     pass 1   the sampled frames only -> UMT video tokens, SAM2 features of the T_seg
              segmentation frames (both cached for every later request on this video)
     prompts  the LM's text + video prefix once, the expressions' suffixes as one batch on
-             its cache, the SegPrompter per expression -> a prompt per frame
+             its cache, the SegPrompter per expression (side by side on the compute
+             threads) -> a prompt per frame
     anchors  every anchor of every expression, in batched steps side by side on the compute
              threads; the memory encoder only where a tracked frame will read the memory
     pass 2   frames decoded and encoded in batches ahead (background thread) of the
@@ -32,6 +33,7 @@ from virst.preprocess import to_model_input
 from virst.sampling import plan_frames
 
 UPSAMPLE_BATCH = 8  # frames whose masks are upsampled in one call
+ENCODE_CHUNKS_PER_WORKER = 4  # segmentation-frame chunks per compute thread in pass 1
 ANCHOR_BATCH = 32  # anchor prompts (frames x expressions) decoded in one call
 
 
@@ -76,7 +78,9 @@ class Session:
                 return rt.encode([frames[f] for f in chunk])
 
         seg = sorted(set(plan.seg))
-        chunks = [c for c in np.array_split(seg, rt.compute_workers) if len(c)]
+        # several chunks per thread: the thread that ran the vision tower takes fewer
+        pieces = rt.compute_workers * (ENCODE_CHUNKS_PER_WORKER if rt.compute_workers > 1 else 1)
+        chunks = [c for c in np.array_split(seg, pieces) if len(c)]
         with ThreadPoolExecutor(2 if rt.threads.encoder_thread else 1) as pool:
             tokens = pool.submit(vision)
             parts = list(pool.map(encode, chunks))
@@ -104,9 +108,12 @@ class Session:
         seg = self.seg_features().level2[None]  # (1, T, C, h, w)
         with self.timers("vlm"):
             hidden = rt.lm.seg_hidden(prompts, self.video_tokens(), seg)
-        with self.timers("stf"):
-            return torch.cat([rt.backend.seg_prompter(hidden[e : e + 1].to(rt.dtype), seg)
-                              for e in range(len(expressions))])
+        def stf(e: int) -> torch.Tensor:
+            with self.timers("stf"), torch.inference_mode():
+                return rt.backend.seg_prompter(hidden[e : e + 1].to(rt.dtype), seg)
+
+        with ThreadPoolExecutor(rt.compute_workers) as pool:  # expressions side by side
+            return torch.cat(list(pool.map(stf, range(len(expressions)))))
 
     def _anchors(self, prompts: torch.Tensor, remember: frozenset[int]
                  ) -> dict[int, StepOutput]:

@@ -6,6 +6,7 @@ error and no output."""
 
 import json
 import shutil
+import threading
 
 import numpy as np
 import pytest
@@ -108,6 +109,22 @@ def test_several_expressions_in_one_pass_equal_separate_runs(tiny_dir, clip, ref
     assert session.cache_hits == 0
     list(session.segment(texts[1:]))
     assert session.cache_hits == 1  # the second request reused the video's features
+
+
+def test_the_expressions_prompts_run_side_by_side_on_two_threads(tiny_dir, clip, monkeypatch):
+    """On 2 cores each expression's SegPrompter runs on both compute threads at once (a
+    barrier that calls one after the other never pass); the prompts equal one thread's."""
+    frames, texts = clip
+    alone = Runtime(tiny_dir, backend="eager", threads=1).session(frames).prompts(texts[:2])
+    runtime = Runtime(tiny_dir, backend="eager", threads=2)
+    barrier, real = threading.Barrier(2, timeout=10), runtime.backend.seg_prompter
+
+    def meet(*args):
+        barrier.wait()
+        return real(*args)
+
+    monkeypatch.setattr(runtime.backend, "seg_prompter", meet)
+    assert torch.equal(runtime.session(frames).prompts(texts[:2]), alone)
 
 
 def test_the_language_model_runs_the_shared_video_prefix_once(tiny_dir, clip):
