@@ -244,6 +244,12 @@ def measure(specs: list[dict], runs: int, logs: Path) -> list[dict]:
     return [w.result() for w in workers]
 
 
+def expression_texts(k: int) -> list[str]:
+    names = ["the white circle", "the red square", "the green ring", "the blue star",
+             "the yellow diamond", "the cyan triangle"]
+    return (names * (k // len(names) + 1))[:k]
+
+
 def iou_per_frame(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     inter = (a & b).reshape(len(a), -1).sum(1)
     union = (a | b).reshape(len(a), -1).sum(1)
@@ -312,32 +318,28 @@ def main(argv=None) -> int:
         video = tmp / f"{name}.mp4"
         write_clip(frames, video)
         counts = [1] + ([args.expressions] if args.expressions > 1 else [])
-        for k in counts:
-            texts = ["the white circle", "the red square", "the green ring", "the blue star",
-                     "the yellow diamond", "the cyan triangle"][:k] * (k // 6 + 1)
-            texts = texts[:k]
-            configs = [("reference", 1), ("reference", threads)] if threads > 1 else [
-                ("reference", 1)]
-            configs += [(b, threads) for b in backends]
-            specs = [{**base, "path": path, "threads": n, "video": str(video),
-                      "expressions": texts,
-                      "masks_out": str(tmp / f"{name}-{path}-{n}-{k}.npy")}
-                     for path, n in configs]
-            print(f"measuring {name} x{k}: {', '.join(f'{p} ({n} threads)' for p, n in configs)}"
-                  f", {args.runs} runs each in turn ...", file=sys.stderr)
-            ref_masks = None
-            for spec, res in zip(specs, measure(specs, args.runs, tmp)):
-                row = {"clip": name, "label": label, "size": list(frames.shape[1:3]),
-                       "expressions": k, "path": spec["path"], "threads": spec["threads"],
-                       **res}
-                if "error" not in res:
-                    masks = np.load(spec["masks_out"])
-                    if ref_masks is None:
-                        ref_masks = masks
-                    ious = np.concatenate([iou_per_frame(ref_masks[e], masks[e])
-                                           for e in range(k)])
-                    row["iou_min"], row["iou_mean"] = float(ious.min()), float(ious.mean())
-                rows.append(row)
+        configs = [("reference", 1), ("reference", threads)] if threads > 1 else [
+            ("reference", 1)]
+        configs += [(b, threads) for b in backends]
+        # one and K expressions in one set, their runs in turn: "K cost x one" side by side
+        specs = [{**base, "path": path, "threads": n, "video": str(video),
+                  "expressions": expression_texts(k),
+                  "masks_out": str(tmp / f"{name}-{path}-{n}-{k}.npy")}
+                 for k in counts for path, n in configs]
+        print(f"measuring {name} x{' and x'.join(map(str, counts))}: "
+              f"{', '.join(f'{p} ({n} threads)' for p, n in configs)}, {args.runs} runs each "
+              f"in turn ...", file=sys.stderr)
+        ref_masks = {}
+        for spec, res in zip(specs, measure(specs, args.runs, tmp)):
+            k = len(spec["expressions"])
+            row = {"clip": name, "label": label, "size": list(frames.shape[1:3]),
+                   "expressions": k, "path": spec["path"], "threads": spec["threads"], **res}
+            if "error" not in res:
+                masks = np.load(spec["masks_out"])
+                ref = ref_masks.setdefault(k, masks)  # the first row: the reference's
+                ious = np.concatenate([iou_per_frame(ref[e], masks[e]) for e in range(k)])
+                row["iou_min"], row["iou_mean"] = float(ious.min()), float(ious.mean())
+            rows.append(row)
     if args.memory:
         rows += memory_rows(args, base, threads, backends, tmp)
     report(rows, threads)
@@ -412,6 +414,13 @@ def report(rows: list[dict], threads: int) -> None:
           f"the faster reference row of the same clip; paper: {PAPER_FPS} FPS is the full "
           f"VIRST-7B on a GPU, end to end (not comparable to a tiny model on {threads} CPU "
           f"cores; shown for scale)")
+    fps = {(r["clip"], r["path"], r["threads"], r["expressions"]): r["fps"]
+           for r in rows if "fps" in r}
+    for (clip, path, n, k), value in fps.items():
+        one = fps.get((clip, path, n, 1))
+        if k > 1 and one:
+            print(f"  {clip} {path} ({n} threads): {k} expressions cost {one / value:.2f}x one "
+                  f"(measured in one set, runs in turn)")
     for r in rows:
         if "describe" in r:
             print(f"  {r['clip']} {r['path']}: {r['describe']}")
