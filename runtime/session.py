@@ -108,6 +108,7 @@ class Session:
         seg = self.seg_features().level2[None]  # (1, T, C, h, w)
         with self.timers("vlm"):
             hidden = rt.lm.seg_hidden(prompts, self.video_tokens(), seg)
+
         def stf(e: int) -> torch.Tensor:
             with self.timers("stf"), torch.inference_mode():
                 return rt.backend.seg_prompter(hidden[e : e + 1].to(rt.dtype), seg)
