@@ -419,8 +419,7 @@ def report(rows: list[dict], threads: int) -> None:
     for (clip, path, n, k), value in fps.items():
         one = fps.get((clip, path, n, 1))
         if k > 1 and one:
-            print(f"  {clip} {path} ({n} threads): {k} expressions cost {one / value:.2f}x one "
-                  f"(measured in one set, runs in turn)")
+            print(f"  {clip} {path} ({n} threads): {k} expressions cost {one / value:.2f}x one")
     for r in rows:
         if "describe" in r:
             print(f"  {r['clip']} {r['path']}: {r['describe']}")

@@ -79,7 +79,8 @@ class Session:
 
         seg = sorted(set(plan.seg))
         # several chunks per thread: the thread that ran the vision tower takes fewer
-        pieces = rt.compute_workers * (ENCODE_CHUNKS_PER_WORKER if rt.compute_workers > 1 else 1)
+        workers = rt.compute_workers
+        pieces = workers * ENCODE_CHUNKS_PER_WORKER if workers > 1 else 1
         chunks = [c for c in np.array_split(seg, pieces) if len(c)]
         with ThreadPoolExecutor(2 if rt.threads.encoder_thread else 1) as pool:
             tokens = pool.submit(vision)

@@ -90,7 +90,7 @@ class MaskWriter:
         self.overlay_path = Path(overlay_path) if overlay_path else None
         self.overwrite, self.fps, self.label = overwrite, fps, label
         self._check()
-        self._created, self._stage, self._files = [], None, []
+        self._created, self._stage = [], None
         self._rle_file = self._video = None
         self.frames_written = 0
         self.seconds = 0.0  # spent writing (on the writer thread when `background`)
