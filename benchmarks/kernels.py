@@ -20,9 +20,9 @@ def _variants(q, k, v, t, grid):
     import torch
     import torch.nn.functional as F
 
-    from kernels.rope3d import rope3d
-    from kernels.stf_attention import stf_cross_attention
     from virst.stf import RotaryCrossAttention
+    from virst_kernels.rope3d import rope3d
+    from virst_kernels.stf_attention import stf_cross_attention
 
     attn = RotaryCrossAttention(q.shape[1] * q.shape[3], q.shape[1], grid).to(q.device)
     tokens = q.shape[2] // t

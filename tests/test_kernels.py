@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.rope3d import rope3d, rope3d_reference
-from kernels.stf_attention import stf_attention_reference, stf_cross_attention
+from virst_kernels.rope3d import rope3d, rope3d_reference
+from virst_kernels.stf_attention import stf_attention_reference, stf_cross_attention
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -12,7 +12,7 @@
   read by a small MLP.
 
 State-dict keys equal the official release's, so its tensors load without renaming.
-This is the reference path; `kernels.stf_attention` is the fused one (same weights).
+This is the reference path; `virst_kernels.stf_attention` is the fused one (same weights).
 """
 
 from __future__ import annotations
@@ -153,7 +153,7 @@ class RotaryCrossAttention(nn.Module):
         q, k, v = (self._heads(p(x)) for p, x in
                    ((self.q_proj, query), (self.k_proj, memory), (self.v_proj, memory)))
         if not return_probs and _use_kernel(q, k, v):
-            from kernels.stf_attention import stf_cross_attention
+            from virst_kernels.stf_attention import stf_cross_attention
 
             res = stf_cross_attention(q, k, v, frames, grid_hw=self.rope.grid,
                                       key_padding_mask=key_padding_mask,

@@ -3,7 +3,7 @@ only their t lanes by their frame; interleaved (GPT-J) pairs; angles and rotatio
 rounded to the input dtype once. Positions come from the token index, no index tensors.
 
 Reference: `virst.stf.RoPE3D` (same lane layout; `rope3d_reference` below calls it).
-The `lane_tables`, `angles` and `rotate` pieces are shared with `kernels.stf_attention`.
+The `lane_tables`, `angles` and `rotate` pieces are shared with `virst_kernels.stf_attention`.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.rope3d import angles, lane_tables, rotate
+from virst_kernels.rope3d import angles, lane_tables, rotate
 
 LOG2E = 1.4426950408889634
 
