@@ -2,7 +2,8 @@
 # Idempotent set-up of ./.venv for this checkout: torch (CPU 2.13.0 unless the venv already
 # has a torch, e.g. a CUDA build a GPU user installed first), this project with the extras
 # given as $1 (comma-separated, e.g. "dev" or "dev,onnx"), and sam2 1.1.0 without its
-# torchvision pin. A stamp skips everything when nothing changed.
+# torchvision pin. Versions come from requirements/constraints.txt (what the suite last passed
+# with). A stamp skips everything when nothing changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${1:-}"
@@ -14,7 +15,7 @@ stamp=".venv/.virst-setup-$digest-${extras:-base}"
 [ -f "$stamp" ] && exit 0
 $py -m pip install -q --upgrade pip setuptools wheel
 $py -c "import torch" 2>/dev/null || $py -m pip install -q "torch==2.13.0"
-$py -m pip install -q -e ".${extras:+[$extras]}"
+$py -m pip install -q -c requirements/constraints.txt -e ".${extras:+[$extras]}"
 SAM2_BUILD_CUDA=0 $py -m pip install -q --no-deps --no-build-isolation --require-hashes \
     -r requirements/sam2.txt
 if $py -c "import torchvision" 2>/dev/null; then
