@@ -36,8 +36,8 @@ def main() -> int:
     results.mkdir(parents=True, exist_ok=True)
     steps = {
         "gpu tests": [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests"],
-        "kernel benchmark": [sys.executable, "benchmarks/kernels.py", "--json",
-                             str(results / f"kernels-{card}.json")],
+        "kernel benchmark": [sys.executable, "benchmarks/stf_attention.py", "--json",
+                             str(results / f"stf-attention-{card}.json")],
         "fps tiny": [sys.executable, "benchmarks/fps.py", "--device", "cuda", "--no-real",
                      "--json", str(results / f"fps-tiny-{card}.json")],
         "fps virst-7b 720p": [sys.executable, "benchmarks/fps.py", "--preset", "virst-7b",

@@ -3,7 +3,7 @@ a separate RoPE kernel, the fused kernel, and the fused kernel with split-KV, ov
 T in {8, 32, 100} and N in {1, 4, 10} (B=1, 8 heads of 32, 8x8 grid, bf16 inputs).
 Median microseconds (triton.testing.do_bench) and achieved TFLOP/s (QK^T + PV).
 
-    python benchmarks/kernels.py [--json benchmarks/results/kernels-<card>.json]
+    python benchmarks/stf_attention.py [--json benchmarks/results/stf-attention-<card>.json]
 
 On a machine without CUDA it says so and exits 0.
 """
@@ -44,7 +44,7 @@ def main() -> int:
     import torch
 
     if not torch.cuda.is_available():
-        print("benchmarks/kernels.py needs a CUDA GPU (Triton kernels are only timed there); "
+        print("benchmarks/stf_attention.py needs a CUDA GPU (Triton kernels are only timed there); "
               "nothing measured.")
         return 0
     import triton.testing
@@ -64,7 +64,7 @@ def main() -> int:
                 us = triton.testing.do_bench(fn, warmup=25, rep=100) * 1e3
                 rows.append({"T": t, "N": n, "variant": name, "us": us,
                              "tflops": flops / us / 1e6})
-    out = Path(args.json or f"benchmarks/results/kernels-{card.replace(' ', '_')}.json")
+    out = Path(args.json or f"benchmarks/results/stf-attention-{card.replace(' ', '_')}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"card": card, "torch": torch.__version__,
                                "triton": triton.__version__, "rows": rows}, indent=2) + "\n")
