@@ -15,12 +15,30 @@ mask is needed. Two implementations of one interface:
 from __future__ import annotations
 
 import inspect
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
+from virst.errors import CheckpointError
 from virst.prompt import Prompt
+
+
+@contextmanager
+def quiet_transformers():
+    """transformers' warnings and progress bars off for a block, then as they were."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def prompt_embeds(embed, prompt: Prompt, video_tokens: torch.Tensor) -> torch.Tensor:
@@ -42,9 +60,23 @@ class TorchLM:
 
     @classmethod
     def from_folder(cls, folder: Path, device: torch.device, dtype=torch.float32) -> TorchLM:
+        """The decoder inside the exported `Qwen2ForCausalLM` folder. Its `lm_head` is vLLM's
+        and unused here; any other tensor missing or left over is refused by name. Loaded
+        quietly: transformers 5 prints a load report calling that lm_head "UNEXPECTED", and a
+        progress bar, on every run."""
         from transformers import AutoModel
 
-        return cls(AutoModel.from_pretrained(folder, dtype=dtype).to(device))
+        with quiet_transformers():
+            decoder, info = AutoModel.from_pretrained(folder, dtype=dtype,
+                                                      output_loading_info=True)
+        problems = {"missing": sorted(info["missing_keys"]),
+                    "left over": sorted(set(info["unexpected_keys"]) - {"lm_head.weight"}),
+                    "with another shape": sorted(str(k) for k in info["mismatched_keys"])}
+        problems = {what: names for what, names in problems.items() if names}
+        if problems:
+            raise CheckpointError(f"the LM folder {folder} does not match its config: " + "; ".join(
+                f"{what}: {', '.join(names[:8])}" for what, names in problems.items()))
+        return cls(decoder.to(device))
 
     @property
     def embed(self):

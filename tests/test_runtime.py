@@ -294,6 +294,30 @@ def test_an_interrupted_cached_build_is_resumed_not_used(tiny_dir, fp32, tmp_pat
     assert {f: f.stat().st_mtime_ns for f in folder.glob("*.onnx")} == onnx_before
 
 
+def test_the_exported_lm_loads_whole_and_quietly(tiny_dir, fp32, tmp_path, capfd):
+    """The LM folder (a Qwen2ForCausalLM for vLLM) read as its decoder: the model's weights,
+    no load report calling vLLM's lm_head "UNEXPECTED" and no progress bar on every run; a
+    folder missing a tensor is refused by name (transformers would initialise it at random)."""
+    from safetensors.torch import load_file, save_file
+
+    from runtime.lm import TorchLM
+
+    capfd.readouterr()
+    lm = TorchLM.from_folder(fp32[0] / "llm", torch.device("cpu"))
+    assert capfd.readouterr() == ("", "")
+    reference = VirstModel.from_pretrained(tiny_dir).vlm.llm.state_dict()
+    loaded = lm.decoder.state_dict()
+    assert loaded.keys() == reference.keys()
+    assert all(torch.equal(loaded[k], reference[k]) for k in reference)
+    broken = tmp_path / "llm"
+    shutil.copytree(fp32[0] / "llm", broken)
+    state = load_file(broken / "model.safetensors")
+    del state["model.norm.weight"]
+    save_file(state, broken / "model.safetensors")
+    with pytest.raises(CheckpointError, match="missing: norm.weight"):
+        TorchLM.from_folder(broken, torch.device("cpu"))
+
+
 def test_artifacts_for_another_model_or_precision_are_refused(tiny_dir, fp32, tmp_path):
     out = fp32[0]
     with pytest.raises(CheckpointError, match="holds fp32 artifacts, not bf16"):
