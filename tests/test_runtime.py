@@ -297,7 +297,8 @@ def test_an_interrupted_cached_build_is_resumed_not_used(tiny_dir, fp32, tmp_pat
 def test_the_exported_lm_loads_whole_and_quietly(tiny_dir, fp32, tmp_path, capfd):
     """The LM folder (a Qwen2ForCausalLM for vLLM) read as its decoder: the model's weights,
     no load report calling vLLM's lm_head "UNEXPECTED" and no progress bar on every run; a
-    folder missing a tensor is refused by name (transformers would initialise it at random)."""
+    folder missing a tensor is refused by name (transformers initialised it, norm.weight as
+    ones, and went on)."""
     from safetensors.torch import load_file, save_file
 
     from runtime.lm import TorchLM

@@ -110,7 +110,9 @@ def test_an_abort_drops_the_frames_still_queued(tmp_path, monkeypatch):
         writer.write(fm)
     aborting = threading.Thread(target=writer.abort, daemon=True)
     aborting.start()
-    time.sleep(0.1)
+    deadline = time.monotonic() + 5
+    while not writer._discard and time.monotonic() < deadline:  # the abort has begun
+        time.sleep(0.01)
     gate.set()
     aborting.join(10)
     assert len(calls) <= 2  # at most the frame the thread held; the queued ones dropped
