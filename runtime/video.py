@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from virst.errors import VideoError
-from virst.media import IMAGE_SUFFIXES, Video, _frame_key, load_video
+from virst.media import IMAGE_SUFFIXES, Video, _frame_key, frame_rgb, load_video
 
 
 @dataclass
@@ -78,7 +78,7 @@ class VideoSource:
                     if t >= self.length:
                         break
                     if keep is None or t in keep:
-                        rgb = frame.to_ndarray(format="rgb24")
+                        rgb = frame_rgb(frame)
                         if rgb.shape[:2] != self.size:
                             raise VideoError(f"{self.label}: frame {t} is {rgb.shape[:2]}, "
                                              f"the video is {self.size}")

@@ -117,3 +117,20 @@ def test_an_abort_drops_the_frames_still_queued(tmp_path, monkeypatch):
     aborting.join(10)
     assert len(calls) <= 2  # at most the frame the thread held; the queued ones dropped
     assert not (tmp_path / "masks").exists() and not _threads()
+
+
+def test_the_overlay_tints_each_mask_as_a_whole_float_frame_would():
+    """Blended on the masked pixels only, the overlay equals blending the whole frame in
+    float and rounding once, overlapping masks included."""
+    rng = np.random.default_rng(0)
+    frame = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    masks = rng.random((3, 48, 64)) > 0.6
+    whole = frame.astype(np.float32)
+    for i, mask in enumerate(masks):
+        color = np.asarray(writer_mod.COLORS[i], np.float32)
+        whole[mask] = 0.5 * whole[mask] + 0.5 * color
+    out = writer_mod.overlay_frame(frame, masks)
+    assert np.array_equal(out, whole.round().astype(np.uint8))
+    assert not np.array_equal(out, frame) and np.array_equal(out[~masks.any(0)],
+                                                             frame[~masks.any(0)])
+    assert np.array_equal(writer_mod.overlay_frame(frame, masks[:0]), frame)

@@ -61,12 +61,19 @@ def _read_folder(folder: Path) -> Video:
     return Video(np.stack(frames), [f.stem for f in files])
 
 
+def frame_rgb(frame: av.VideoFrame) -> np.ndarray:
+    """A decoded frame as (H, W, 3) uint8 RGB. One thread: by default swscale starts and
+    stops its own threads for every frame (two per 768x576 frame here, with their stacks
+    faulted in and released each time); the pixels are the same."""
+    return frame.to_ndarray(format="rgb24", threads=1)
+
+
 def _read_file(path: Path) -> Video:
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
                 raise VideoError(f"{path} has no video stream")
-            frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+            frames = [frame_rgb(f) for f in container.decode(video=0)]
     except av.error.FFmpegError as err:
         raise VideoError(f"cannot decode video {path}: {err}") from err
     if not frames:

@@ -18,7 +18,7 @@ def to_model_input(frames: np.ndarray, size: int, mode: str = "bicubic",
                    device: torch.device | str = "cpu", dtype=torch.float32) -> torch.Tensor:
     """Resize (antialiased, clamped to [0, 1] like an 8-bit image) and normalise."""
     x = torch.from_numpy(np.ascontiguousarray(frames)).to(device)
-    x = x.permute(0, 3, 1, 2).to(torch.float32) / 255.0
+    x = x.permute(0, 3, 1, 2).to(torch.float32).div_(255.0)  # in place: one frame-sized copy
     if x.shape[-2:] != (size, size):
         x = F.interpolate(x, size=(size, size), mode=mode, align_corners=False, antialias=True)
         x = x.clamp(0.0, 1.0)
