@@ -21,7 +21,7 @@ import torch
 
 from runtime.artifacts import Artifacts, ensure_artifacts
 from runtime.backends.base import Features
-from runtime.heap import fix_mmap_threshold
+from runtime.heap import keep_freed_memory
 from runtime.lm import TorchLM, VllmLM
 from runtime.session import Session
 from runtime.threads import ThreadPlan
@@ -93,7 +93,7 @@ class Runtime:
             raise ConfigError(f"unknown language-model runner {lm!r}; choose torch or vllm")
         self.threads = ThreadPlan.for_cores(threads)
         self.threads.apply()
-        fix_mmap_threshold()  # peak RSS flat over runs, not only within one (runtime/heap.py)
+        keep_freed_memory()  # no page faults on each frame's buffers (runtime/heap.py)
         # independent batches (image encoder, anchors) on both compute threads: a CPU's
         # cores; a GPU runs them one after the other (one TensorRT context per engine)
         self.compute_workers = 2 if self.threads.encoder_thread and self.device.type == "cpu" \

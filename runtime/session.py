@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from runtime.backends.base import Features, StepOutput
+from runtime.heap import release_freed_memory
 from runtime.memory import MemoryBank
 from runtime.threads import Timers, background
 from runtime.video import VideoSource, open_video
@@ -185,6 +186,12 @@ class Session:
     def segment(self, expressions: list[str], keep_frames: bool = False
                 ) -> Iterator[FrameMasks]:
         """Masks of every expression for every frame, in order, as soon as they are known."""
+        try:
+            yield from self._propagate(expressions, keep_frames)
+        finally:
+            release_freed_memory()  # what the run kept for reuse goes back (runtime/heap.py)
+
+    def _propagate(self, expressions: list[str], keep_frames: bool) -> Iterator[FrameMasks]:
         rt = self.rt
         prompts = self.prompts(expressions)
         e = len(expressions)
