@@ -125,13 +125,13 @@ def _one_run(target, spec: dict, video: Path,
     if spec["path"] == "reference":
         frames = load_video(video)
         t0 = time.perf_counter()
-        masks = np.stack([target.segment(frames, t) for t in texts])
+        masks = [target.segment(frames, t) for t in texts]
         t1 = time.perf_counter()
         for e, m in enumerate(masks):
             save_masks(m.astype(np.uint8), frames.names, out / str(e))
-        stages = {"decode": t0 - start, "model": t1 - t0, "mask writing": time.perf_counter()
-                  - t1}
-        return time.perf_counter() - start, stages, masks, masks.shape[1]
+        seconds = time.perf_counter() - start
+        stages = {"decode": t0 - start, "model": t1 - t0, "mask writing": seconds - (t1 - start)}
+        return seconds, stages, np.stack(masks), len(masks[0])
     from runtime.writer import MaskWriter
 
     session = target.session(video)
@@ -143,9 +143,9 @@ def _one_run(target, spec: dict, video: Path,
             writer.write(frame)
             if spec.get("masks_out"):  # memory rows keep none: held masks would grow with T
                 kept.append(frame.masks)
+    seconds = time.perf_counter() - start  # the masks kept for the IoU are stacked after
     session.timers.add("mask writing", writer.seconds)  # on the writer thread too
-    masks = np.stack(kept, 1) if kept else None
-    return time.perf_counter() - start, dict(session.timers.seconds), masks, frames
+    return seconds, dict(session.timers.seconds), np.stack(kept, 1) if kept else None, frames
 
 
 def peak_rss_mb() -> float:
