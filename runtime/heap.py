@@ -4,10 +4,10 @@ Every frame allocates and frees buffers of a few MiB (the decoded frame, its fea
 the upsampled masks, the overlay). With glibc's defaults, or with its mmap threshold fixed
 low, such blocks are mapped and unmapped, or trimmed off the heap's top, again and again:
 each reuse pays a page fault per 4 KiB and the kernel's zeroing. A 795-frame 768x576 video
-(`virst segment --backend onnxruntime`, masks, RLE and overlay) took 10.4 s of system time
-in 28 s and 4.7 M page faults with the threshold fixed at 1 MiB; with blocks up to 32 MiB
-from the heap and no trimming during the run, 2.0 s and 0.3 M, and 1.3x the frames per
-second. What is kept is bounded by the run's own peak, not by the video's length, and
+(`virst segment --backend onnxruntime`, masks, RLE and overlay; three runs each, in turn)
+took 8.4-9.5 s of system time and 4.0-4.3 M page faults at 39.2 FPS (median) with the
+threshold fixed at 1 MiB, as it was; with these settings 2.0-2.6 s, 0.25 M and 50.3 FPS,
+the same files. What is kept is bounded by the run's own peak, not by the video's length, and
 `release_freed_memory` hands it back when a run ends, so that a server's RSS does not
 creep over requests.
 """
