@@ -6,10 +6,10 @@ low, such blocks are mapped and unmapped, or trimmed off the heap's top, again a
 each reuse pays a page fault per 4 KiB and the kernel's zeroing. A 795-frame 768x576 video
 (`virst segment --backend onnxruntime`, masks, RLE and overlay; three runs each, in turn)
 took 8.4-9.5 s of system time and 4.0-4.3 M page faults at 39.2 FPS (median) with the
-threshold fixed at 1 MiB, as it was; with these settings 2.0-2.6 s, 0.25 M and 50.3 FPS,
-the same files. What is kept is bounded by the run's own peak, not by the video's length, and
-`release_freed_memory` hands it back when a run ends, so that a server's RSS does not
-creep over requests.
+threshold fixed at 1 MiB, as it was; with the larger thresholds 2.0-2.6 s, 0.25 M and
+50.3 FPS, the same files (with the two-arena cap added after: 50.6 and 50.9). What is kept
+is bounded by the run's own peak, not by the video's length, and `release_freed_memory`
+hands it back when a run ends, so that a server's RSS does not creep over requests.
 """
 
 from __future__ import annotations

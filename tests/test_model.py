@@ -174,3 +174,17 @@ def test_initial_seg_fusion_flag_changes_the_llm_input(clip):
     with torch.no_grad():
         on.initial_seg_fusion.gate.zero_()  # a closed gate is the identity
     assert np.array_equal(on.segment(clip[:8], "the red circle", return_logits=True), a)
+
+
+def test_model_input_leaves_the_callers_frames_as_they_were():
+    """The division by 255 runs in place on a copy: float32 frames on the CPU (which
+    `.to(torch.float32)` alone would return as a view of the caller's array) stay unchanged."""
+    from virst.preprocess import IMAGENET_MEAN, IMAGENET_STD, to_model_input
+
+    frames = np.random.default_rng(0).random((2, 16, 16, 3)).astype(np.float32) * 255
+    before = frames.copy()
+    x = to_model_input(frames, 16)
+    assert np.array_equal(frames, before)
+    mean, std = np.asarray(IMAGENET_MEAN), np.asarray(IMAGENET_STD)
+    expect = ((before / 255.0 - mean) / std).transpose(0, 3, 1, 2)
+    assert np.allclose(x.numpy(), expect, atol=1e-5)

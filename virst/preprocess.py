@@ -18,7 +18,9 @@ def to_model_input(frames: np.ndarray, size: int, mode: str = "bicubic",
                    device: torch.device | str = "cpu", dtype=torch.float32) -> torch.Tensor:
     """Resize (antialiased, clamped to [0, 1] like an 8-bit image) and normalise."""
     x = torch.from_numpy(np.ascontiguousarray(frames)).to(device)
-    x = x.permute(0, 3, 1, 2).to(torch.float32).div_(255.0)  # in place: one frame-sized copy
+    # one frame-sized copy, divided in place; copy=True so that float32 input on the CPU
+    # (which .to would return as a view of the caller's array) is never changed
+    x = x.permute(0, 3, 1, 2).to(torch.float32, copy=True).div_(255.0)
     if x.shape[-2:] != (size, size):
         x = F.interpolate(x, size=(size, size), mode=mode, align_corners=False, antialias=True)
         x = x.clamp(0.0, 1.0)
