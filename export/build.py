@@ -6,7 +6,8 @@
     ARTIFACTS/llm/  embed_tokens.safetensors   Qwen2 for vLLM + text embedding table
     ARTIFACTS/tensorrt/                     engines + timing cache (where TensorRT runs)
 
-A unit whose weights, export code, precision and opset are unchanged is not rebuilt.
+A unit whose weights, code (virst/ and export/), precision and opset are unchanged is not
+rebuilt.
 A failed export or verification stops the build with a report naming the unit.
 """
 
@@ -18,6 +19,7 @@ import shutil
 import sys
 import tempfile
 import time
+from importlib import metadata
 from pathlib import Path
 
 import onnx
@@ -40,7 +42,6 @@ DEFAULT_OPSET = 23
 OVERRIDES = {"vision": {"fp32_scopes": ("vlm.mm_projector",),
                         "low_scopes": ("vlm.mm_projector.mlp",)},
              "seg_prompter": {"fp32_scopes": ("",)}}
-CODE = [Path(__file__).parent / f for f in ("units.py", "precision.py", "onnx_io.py")]
 
 
 class BuildError(VirstError):
@@ -49,9 +50,8 @@ class BuildError(VirstError):
 
 def _source_key(unit: Unit, precision: str, opset: int) -> str:
     h = hashlib.sha256(f"{unit.name}|{precision}|{opset}|{torch.__version__}|"
-                       f"{onnx.__version__}".encode())
-    for path in CODE:
-        h.update(path.read_bytes())
+                       f"{onnx.__version__}|sam2 {metadata.version('sam2')}|"
+                       f"{mf.code_fingerprint()}".encode())
     for name, t in sorted(unit.module.state_dict().items()):
         h.update(name.encode())
         h.update(t.detach().float().contiguous().cpu().numpy().tobytes())

@@ -41,6 +41,20 @@ def weights_fingerprint(weights: Path) -> str:
     return h.hexdigest()[:32]
 
 
+def code_fingerprint() -> str:
+    """The code a graph is traced from: every .py file of the model package (virst/) and
+    of the exporter (export/), by path and content. Part of each unit's build key and of
+    the runtime cache's folder name, so that neither ever serves a graph of older code
+    (the toolkit version changes only at a release)."""
+    h = hashlib.sha256()
+    root = Path(__file__).resolve().parent.parent
+    for package in ("virst", "export"):
+        for path in sorted((root / package).rglob("*.py")):
+            h.update(str(path.relative_to(root)).encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def toolkit_version() -> str:
     try:
         return metadata.version("virst-deploy")

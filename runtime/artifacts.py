@@ -74,12 +74,14 @@ class Artifacts:
 
 
 def cache_key(model_dir: Path) -> str:
-    """Weights fingerprint + config hash: two folders with the same weights and different
-    configs (e.g. another anchor schedule) get their own cached artifacts, so neither
-    rebuilds the other's under a running server."""
+    """Weights fingerprint + config hash + code fingerprint: two folders with the same
+    weights and different configs (e.g. another anchor schedule) get their own cached
+    artifacts, so neither rebuilds the other's under a running server; and an edited model
+    or exporter gets new ones instead of the graphs of its older code."""
     config = json.dumps(VirstConfig.load(model_dir / "config.json").to_dict(), sort_keys=True)
     digest = hashlib.sha256(config.encode()).hexdigest()[:8]
-    return f"{mf.weights_fingerprint(model_dir / 'model.safetensors')}-{digest}"
+    return (f"{mf.weights_fingerprint(model_dir / 'model.safetensors')}-{digest}-"
+            f"{mf.code_fingerprint()[:8]}")
 
 
 def ensure_artifacts(model_dir: str | Path, precision: str = "fp32",

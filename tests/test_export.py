@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -110,6 +111,34 @@ def test_unchanged_units_are_not_rebuilt(fp32, tiny_dir, monkeypatch):
     monkeypatch.setattr(build_mod, "build_unit", lambda *a, **k: calls.append(a[0].name))
     manifest, checks = build("fp32", out, str(tiny_dir), tensorrt=False, progress=False)
     assert calls == [] and len(checks) > 0
+
+
+def test_a_change_to_the_model_code_rebuilds_the_units(fp32, tiny_dir, monkeypatch,
+                                                       tmp_path):
+    """The build key and the runtime cache's folder cover the model's code, not only the
+    export code: after an edit of virst/stf.py the units are rebuilt and the runtime's
+    cache looks in a new folder (it had kept serving graphs of the older code)."""
+    from runtime.artifacts import cache_key
+
+    out = tmp_path / "artifacts"
+    shutil.copytree(fp32[0], out)
+    entries = load_manifest(out)["artifacts"]
+    calls = []
+
+    def rebuilt(unit, *args, **kwargs):
+        calls.append(unit.name)
+        return dict(entries[unit.name]), []
+
+    monkeypatch.setattr(build_mod, "build_unit", rebuilt)
+    build("fp32", out, str(tiny_dir), tensorrt=False, progress=False)
+    assert calls == []
+    key = cache_key(tiny_dir)
+    read_bytes = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda path: read_bytes(path) + (
+        b"\n# edited\n" if path.name == "stf.py" else b""))
+    build("fp32", out, str(tiny_dir), tensorrt=False, progress=False)
+    assert sorted(calls) == sorted(set(entries) - {"constants", "llm"})
+    assert cache_key(tiny_dir) != key
 
 
 @torch.no_grad()

@@ -11,6 +11,7 @@ from virst.stf import (
     SegPrompter,
     attention_points,
     frame_motion,
+    own_frame_attention,
     rotate_pairs,
     stf_prompts,
 )
@@ -166,6 +167,22 @@ def test_attention_points_click_the_peak_cell_or_between_neighbours():
     other = att.clone().reshape(1, 2, 3, 3, 3, grid * grid)
     other[:, :, :, 0, 1] = 5.0
     assert torch.equal(attention_points(other.reshape(att.shape), 3, grid, size), points)
+
+
+def test_own_frame_attention_is_each_querys_entries_on_its_own_frames_cells():
+    """Query n*T + t, key t'*cells + c: kept where t' == t, exactly, as (B, heads, N, T,
+    cells); gradients reach those entries only."""
+    b, heads, n, frames, cells = 2, 3, 4, 5, 6
+    att = torch.rand(b, heads, n * frames, frames * cells, requires_grad=True)
+    own = own_frame_attention(att, frames)
+    assert own.shape == (b, heads, n, frames, cells)
+    for q in range(n):
+        for t in range(frames):
+            assert torch.equal(own[:, :, q, t], att[:, :, q * frames + t,
+                                                    t * cells : (t + 1) * cells])
+    own.sum().backward()
+    grad = att.grad.reshape(b, heads, n, frames, frames, cells)
+    assert torch.equal(grad, torch.eye(frames)[:, :, None].expand_as(grad))
 
 
 def test_click_power_below_one_gives_the_peaks_neighbours_more_say():
