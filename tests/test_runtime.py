@@ -560,3 +560,30 @@ def test_vllm_language_model_equals_the_torch_one(fp32):
                          capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-2000:]
     assert json.loads((out / "vllm-check.json").read_text())["passed"]
+
+
+def test_masks_are_upsampled_in_pieces_that_stay_below_the_mmap_threshold(monkeypatch):
+    """Upsampled a few objects at a time (at most UPSAMPLE_PIXELS float pixels a call: a
+    larger intermediate is mapped and faulted in afresh each batch), the masks equal one
+    call over the whole batch."""
+    import torch.nn.functional as F
+
+    import runtime.session as session_mod
+
+    size = (576, 768)
+    logits = torch.randn(32, 1, 64, 64)
+    whole = (F.interpolate(logits, size=size, mode="bilinear", align_corners=False)[:, 0]
+             > 0).numpy()
+    calls = []
+    interpolate = F.interpolate
+
+    def recorded(x, **kwargs):
+        out = interpolate(x, **kwargs)
+        calls.append(out.numel())
+        return out
+
+    monkeypatch.setattr(session_mod.F, "interpolate", recorded)
+    masks = session_mod.upsample_masks(logits, size)
+    assert masks.dtype == bool and np.array_equal(masks, whole)
+    assert len(calls) > 1 and max(calls) <= session_mod.UPSAMPLE_PIXELS
+    assert sum(calls) == whole.size
