@@ -19,7 +19,6 @@ import shutil
 import sys
 import tempfile
 import time
-from importlib import metadata
 from pathlib import Path
 
 import onnx
@@ -50,7 +49,7 @@ class BuildError(VirstError):
 
 def _source_key(unit: Unit, precision: str, opset: int) -> str:
     h = hashlib.sha256(f"{unit.name}|{precision}|{opset}|{torch.__version__}|"
-                       f"{onnx.__version__}|sam2 {metadata.version('sam2')}|"
+                       f"{onnx.__version__}|sam2 {mf.producers().get('sam2')}|"
                        f"{mf.code_fingerprint()}".encode())
     for name, t in sorted(unit.module.state_dict().items()):
         h.update(name.encode())

@@ -64,7 +64,8 @@ def toolkit_version() -> str:
 
 def producers() -> dict[str, str]:
     out = {}
-    for name in ("torch", "onnx", "onnxruntime", "onnxscript", "transformers", "tensorrt"):
+    for name in ("torch", "onnx", "onnxruntime", "onnxscript", "transformers", "sam2",
+                 "tensorrt"):
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:

@@ -275,8 +275,8 @@ def own_frame_attention(attention: torch.Tensor, frames: int) -> torch.Tensor:
     """(B, heads, N*T, T*cells) attention (queries n-major, keys t-major) -> (B, heads, N,
     T, cells): each query's attention on the grid cells of its own frame. A gather of the
     T*cells entries wanted (GatherElements in ONNX), not `torch.diagonal` (no export) nor a
-    product with an identity mask summed (T times the work: a third of the STF unit's time
-    at 64 frames, ONNX Runtime)."""
+    product with an identity mask summed (T times the work; the STF unit took 21.9 ms with
+    it, 19.8 without, 64 frames, ONNX Runtime)."""
     b, h, rows, keys = attention.shape
     cells = keys // frames
     probs = attention.reshape(b, h, rows // frames, frames, keys)
