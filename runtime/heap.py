@@ -15,6 +15,7 @@ hands it back when a run ends, so that a server's RSS does not creep over reques
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 
 M_TRIM_THRESHOLD = -1  # mallopt's parameter numbers (malloc.h)
@@ -25,13 +26,15 @@ M_ARENA_MAX = -8
 # is kept during a run; the runtime's few threads share two arenas, since every arena
 # keeps its own freed blocks (with glibc's 8 per core, a server's RSS grew 880 -> 1055 MB
 # over 200 requests; with 2 it stayed flat).
+KEPT_BLOCK = 32 << 20  # the largest block served from the heap and kept when freed
 SETTINGS = (
-    (M_MMAP_THRESHOLD, 32 << 20, "MALLOC_MMAP_THRESHOLD_"),
+    (M_MMAP_THRESHOLD, KEPT_BLOCK, "MALLOC_MMAP_THRESHOLD_"),
     (M_TRIM_THRESHOLD, 64 << 20, "MALLOC_TRIM_THRESHOLD_"),
     (M_ARENA_MAX, 2, "MALLOC_ARENA_MAX"),
 )
 
 
+@functools.cache  # loaded once: `release_freed_memory` runs at the end of every run
 def _libc():
     try:
         libc = ctypes.CDLL("libc.so.6")

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from runtime.backends.base import Features, StepOutput
-from runtime.heap import release_freed_memory
+from runtime.heap import KEPT_BLOCK, release_freed_memory
 from runtime.memory import MemoryBank
 from runtime.threads import Timers, background
 from runtime.video import VideoSource, open_video
@@ -34,10 +34,10 @@ from virst.preprocess import to_model_input
 from virst.sampling import plan_frames
 
 UPSAMPLE_BATCH = 8  # frames whose masks are upsampled together
-# float pixels upsampled per call: the float intermediate stays under glibc's mmap threshold
-# (runtime/heap.py, 32 MiB) and is reused, instead of mapped and faulted in per batch (8
-# frames x 4 objects at 768x576 were 57 MB: 7.7 s of a 795-frame run against 1.0 for one)
-UPSAMPLE_PIXELS = 4 << 20
+# float pixels upsampled per call: the float32 intermediate fills half the largest block
+# the heap keeps (runtime/heap.py) and is reused, instead of mapped and faulted in per batch
+# (8 frames x 4 objects at 768x576 were 57 MB: 7.7 s of a 795-frame run against 1.0 for one)
+UPSAMPLE_PIXELS = KEPT_BLOCK // 8
 ENCODE_CHUNKS_PER_WORKER = 4  # segmentation-frame chunks per compute thread in pass 1
 ANCHOR_BATCH = 32  # anchor prompts (frames x expressions) decoded in one call
 
