@@ -1,7 +1,8 @@
 """A `Session` per video: one pass for any number of expressions.
 
-    pass 1   the sampled frames only -> UMT video tokens, SAM2 features of the T_seg
-             segmentation frames (both cached for every later request on this video)
+    pass 1   the sampled frames only, each converted and encoded on the compute threads as
+             it is decoded -> UMT video tokens, SAM2 features of the T_seg segmentation
+             frames (both cached for every later request on this video)
     prompts  the LM's text + video prefix once, the expressions' suffixes as one batch on
              its cache, the SegPrompter per expression (side by side on the compute
              threads) -> a prompt per frame
@@ -11,8 +12,9 @@
              sequential memory loop, the objects of all expressions as the batch; masks
              upsampled in batches and handed out frame by frame
 
-Memory does not grow with the video: the bank has fixed-size buffers, frames pass through
-a bounded queue, masks leave as soon as they are known.
+Memory does not grow with the video's length or resolution: the bank has fixed-size
+buffers, frames pass through bounded queues in both passes, masks leave as soon as they are
+known.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch.nn.functional as F
 from runtime.backends.base import Features, StepOutput
 from runtime.heap import KEPT_BLOCK, release_freed_memory
 from runtime.memory import MemoryBank
-from runtime.threads import Timers, background
+from runtime.threads import Timers, background, bounded
 from runtime.video import VideoSource, open_video
 from runtime.writer import FrameMasks
 from virst.preprocess import to_model_input
@@ -38,7 +40,7 @@ UPSAMPLE_BATCH = 8  # frames whose masks are upsampled together
 # the heap keeps (runtime/heap.py) and is reused, instead of mapped and faulted in per batch
 # (8 frames x 4 objects at 768x576 were 57 MB: 7.7 s of a 795-frame run against 1.0 for one)
 UPSAMPLE_PIXELS = KEPT_BLOCK // 8
-ENCODE_CHUNKS_PER_WORKER = 4  # segmentation-frame chunks per compute thread in pass 1
+IN_FLIGHT = 2  # pass-1 frames handed to each compute thread ahead of its work
 ANCHOR_BATCH = 32  # anchor prompts (frames x expressions) decoded in one call
 
 
@@ -60,41 +62,51 @@ class Session:
 
     # -------------------------------------------------------------- cached pass 1
     def _first_pass(self) -> bool:
-        """The sampled frames -> video tokens and segmentation-frame features, the vision
-        tower and chunks of the image encoder side by side on the compute threads. True
-        when they were cached already."""
+        """The sampled frames -> video tokens and segmentation-frame features. Each frame
+        is converted (VLM pixels) and encoded (SAM2 features) on the compute threads as
+        soon as it is decoded and then dropped: at most IN_FLIGHT frames per thread are
+        held, whatever the video's resolution (64 frames of a 4K video held whole made a
+        2.9 GB peak). The vision tower runs here while the last frames are encoded. True
+        when the results were cached already."""
         if self._seg is not None:
             return True
-        rt, cfg, plan = self.rt, self.rt.config, self.plan
-        with self.timers("decode"):
-            frames = self.source.read(set(plan.vlm) | set(plan.seg))
-
-        def vision():
-            with self.timers("vlm"), torch.inference_mode():
-                step = cfg.clip_frames  # one clip at a time: full-size float copies of all
-                pixels = torch.cat([  # 64 frames would be the run's memory peak
-                    to_model_input(np.stack([frames[f] for f in plan.vlm[i : i + step]]),
-                                   cfg.vlm_image_size, cfg.vlm_resize, rt.device, rt.dtype)
-                    for i in range(0, len(plan.vlm), step)])
-                return rt.backend.vision(pixels.view(-1, step, *pixels.shape[1:]))
-
-        def encode(chunk):
-            with self.timers("image encoder"), torch.inference_mode():
-                return rt.encode([frames[f] for f in chunk])
-
-        seg = sorted(set(plan.seg))
-        # several chunks per thread: the thread that ran the vision tower takes fewer
-        workers = rt.compute_workers
-        pieces = workers * ENCODE_CHUNKS_PER_WORKER if workers > 1 else 1
-        chunks = [c for c in np.array_split(seg, pieces) if len(c)]
-        with ThreadPoolExecutor(2 if rt.threads.encoder_thread else 1) as pool:
-            tokens = pool.submit(vision)
-            parts = list(pool.map(encode, chunks))
-        self._video_tokens = tokens.result()
+        rt, plan = self.rt, self.plan
+        vlm, seg = set(plan.vlm), sorted(set(plan.seg))
+        pixels, parts, batch = {}, [], []
+        with ThreadPoolExecutor(rt.compute_workers) as pool:
+            submit = bounded(pool, IN_FLIGHT * rt.compute_workers)
+            for t, frame in self._timed(self.source.sampled(vlm | set(seg)), "decode"):
+                if t in vlm:
+                    pixels[t] = submit(self._vlm_pixels, frame)
+                if t in self._seg_position:
+                    batch.append(frame)
+                if len(batch) == rt.encode_batch:
+                    parts.append(submit(self._encode, batch))
+                    batch = []
+            if batch:
+                parts.append(submit(self._encode, batch))
+            self._video_tokens = self._vision([pixels[f].result() for f in plan.vlm])
+            parts = [p.result() for p in parts]
         feats = Features.cat(parts) if len(parts) > 1 else parts[0]
         row = {f: i for i, f in enumerate(seg)}
         self._seg = feats.take([row[f] for f in plan.seg])
         return False
+
+    def _vlm_pixels(self, frame: np.ndarray) -> torch.Tensor:
+        cfg = self.rt.config
+        with self.timers("vlm"), torch.inference_mode():
+            return to_model_input(np.stack([frame]), cfg.vlm_image_size, cfg.vlm_resize,
+                                  self.rt.device, self.rt.dtype)
+
+    def _encode(self, frames: list[np.ndarray]) -> Features:
+        with self.timers("image encoder"), torch.inference_mode():
+            return self.rt.encode(frames)
+
+    def _vision(self, pixels: list[torch.Tensor]) -> torch.Tensor:
+        clip = self.rt.config.clip_frames
+        with self.timers("vlm"), torch.inference_mode():
+            clips = torch.cat(pixels)
+            return self.rt.backend.vision(clips.view(-1, clip, *clips.shape[1:]))
 
     def video_tokens(self) -> torch.Tensor:
         self._first_pass()
@@ -174,7 +186,9 @@ class Session:
             pending.append((t, frame))
             if t not in self._seg_position:
                 batch.append((t, frame))
-            if len(batch) == self.rt.encode_batch:
+            # cached frames with nothing to encode before them go on at once: a clip whose
+            # every frame is cached (at most 64 frames) was otherwise held whole to its end
+            if len(batch) == self.rt.encode_batch or not batch:
                 yield from flush()
         yield from flush()
 

@@ -23,8 +23,9 @@ import os
 import queue
 import threading
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Iterator
+from concurrent.futures import Executor, Future
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -79,6 +80,21 @@ class Timers:
     def add(self, stage: str, seconds: float) -> None:
         with self._lock:
             self.seconds[stage] += seconds
+
+
+def bounded(pool: Executor, limit: int):
+    """`pool.submit` that first waits for the oldest of `limit` pending tasks: a producer
+    faster than the pool (a decoder) holds at most `limit` tasks' arguments (frames)."""
+    pending: deque[Future] = deque()
+
+    def submit(fn, *args) -> Future:
+        while len(pending) >= limit:
+            pending.popleft().result()
+        future = pool.submit(fn, *args)
+        pending.append(future)
+        return future
+
+    return submit
 
 
 _END = object()

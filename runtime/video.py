@@ -1,6 +1,6 @@
-"""Streaming video input: a probe, a first pass that keeps only the frames the VLM and the
-segmentation stage sample, and a second pass that yields every frame in order. Only those
-sampled frames and a bounded queue of decoded frames are ever held in memory.
+"""Streaming video input: a probe, a first pass that yields only the frames the VLM and the
+segmentation stage sample, and a second pass that yields every frame in order, both one
+frame at a time.
 
 Files (PyAV), frame folders and in-memory arrays share one interface. Everything that can
 be checked before the work starts is checked in `open_video`: an unreadable or empty video,
@@ -43,18 +43,20 @@ class VideoSource:
         return self.height, self.width
 
     # ------------------------------------------------------------------ passes
-    def read(self, indices) -> dict[int, np.ndarray]:
-        """Pass 1: the frames at `indices` (decoding the file once, keeping only those)."""
+    def sampled(self, indices) -> Iterator[tuple[int, np.ndarray]]:
+        """Pass 1: the frames at `indices` in order, one at a time (a file is decoded
+        whole, so that one cut short is found here, but only these frames become RGB)."""
         wanted = set(int(i) for i in indices)
         if self._frames is not None:
-            return {i: self._frames[i] for i in sorted(wanted)}
-        if self._files is not None:
-            return {i: _read_image(self._files[i], self.size) for i in sorted(wanted)}
-        kept = {}
-        for t, frame in self._decode(keep=wanted):
-            if t in wanted:
-                kept[t] = frame
-        return kept
+            yield from ((i, self._frames[i]) for i in sorted(wanted))
+        elif self._files is not None:
+            yield from ((i, _read_image(self._files[i], self.size)) for i in sorted(wanted))
+        else:
+            yield from ((t, frame) for t, frame in self._decode(keep=wanted) if t in wanted)
+
+    def read(self, indices) -> dict[int, np.ndarray]:
+        """The frames at `indices`, all at once (`read([])` checks that every frame decodes)."""
+        return dict(self.sampled(indices))
 
     def frames(self) -> Iterator[tuple[int, np.ndarray]]:
         """Pass 2: every frame in order, (index, (H, W, 3) uint8 RGB)."""
