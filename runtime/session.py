@@ -65,9 +65,9 @@ class Session:
         """The sampled frames -> video tokens and segmentation-frame features. Each frame
         is converted (VLM pixels) and encoded (SAM2 features) on the compute threads as
         soon as it is decoded and then dropped: at most IN_FLIGHT frames per thread are
-        held, whatever the video's resolution (64 frames of a 4K video held whole made a
-        2.9 GB peak). The vision tower runs here while the last frames are encoded. True
-        when the results were cached already."""
+        held, whatever the video's resolution (held whole, the 64 sampled frames of a
+        100-frame 4K video made a 2.9 GB peak; now 1.3). The vision tower runs here
+        while the last frames are encoded. True when the results were cached already."""
         if self._seg is not None:
             return True
         rt, plan = self.rt, self.plan

@@ -201,7 +201,7 @@ def test_decoded_frames_are_dropped_as_soon_as_they_are_used(tiny_dir, clip, ref
                                                               tmp_path, monkeypatch):
     """Both passes hold a few decoded frames at a time, whatever the video's length and
     resolution: every frame read from the folder is counted until it is freed. Before, the
-    first pass held all its sampled frames (64 frames of a 4K video: a 2.9 GB peak) and the
+    first pass held all its sampled frames (a 100-frame 4K video: a 2.9 GB peak) and the
     second every frame of a clip whose frames were all cached (as here: 24 of 24). The masks
     stay the reference's."""
     from runtime import video as video_mod
