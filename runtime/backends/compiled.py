@@ -5,7 +5,10 @@ on a GPU the fixed-shape units also replay as CUDA graphs ("reduce-overhead").""
 
 from __future__ import annotations
 
+import threading
+
 import torch
+from torch._dynamo.utils import counters
 
 from runtime.backends.eager import EagerBackend
 from virst.model import VirstModel
@@ -19,9 +22,23 @@ class CompiledBackend(EagerBackend):
         mode = "reduce-overhead" if device.type == "cuda" else None
         self.units = {name: torch.compile(unit, dynamic=False, mode=mode)
                       for name, unit in self.units.items()}
+        self._settled: set[tuple] = set()  # (unit, input shapes) whose last call compiled nothing
+        self._compiling = threading.Lock()
 
     def _run(self, name: str, *args):
-        out = super()._run(name, *args)
+        key = (name, *((tuple(a.shape), a.dtype) for a in args))
+        if key in self._settled:
+            out = super()._run(name, *args)
+        else:
+            # Dynamo cannot trace one unit on two threads at once (SAM2's position encoding
+            # fills a dict while it is traced: "Guard failed on the same frame it was
+            # created"), and a shape may compile twice (the filled dict is guarded anew):
+            # new shapes run one call at a time until a call compiles nothing
+            with self._compiling:
+                compiled_frames = counters["frames"]["total"]
+                out = super()._run(name, *args)
+                if counters["frames"]["total"] == compiled_frames:
+                    self._settled.add(key)
         if self.device.type == "cuda":  # CUDA-graph outputs are overwritten by the next replay
             out = [o.clone() for o in out]
         return out
