@@ -193,4 +193,5 @@ class Runtime:
         return Session(self, video, seed, allow_truncated)
 
     def describe(self) -> str:
-        return f"{self.backend.describe()}; {self.threads.describe()}"
+        return (f"{self.backend.describe()}; {self.threads.describe()}; image encoder and "
+                f"anchors on {self.compute_workers} compute thread(s)")

@@ -8,9 +8,9 @@
              threads) -> a prompt per frame
     anchors  every anchor of every expression, in batched steps side by side on the compute
              threads; the memory encoder only where a tracked frame will read the memory
-    pass 2   frames decoded and encoded in batches ahead (background thread) of the
-             sequential memory loop, the objects of all expressions as the batch; masks
-             upsampled in batches and handed out frame by frame
+    pass 2   frames decoded (background thread) and encoded (compute threads) ahead of
+             the sequential memory loop, the objects of all expressions as the batch;
+             masks upsampled in batches and handed out frame by frame
 
 Memory does not grow with the video's length or resolution: the bank has fixed-size
 buffers, frames pass through bounded queues in both passes, masks leave as soon as they are
@@ -19,8 +19,10 @@ known.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -40,7 +42,7 @@ UPSAMPLE_BATCH = 8  # frames whose masks are upsampled together
 # the heap keeps (runtime/heap.py) and is reused, instead of mapped and faulted in per batch
 # (8 frames x 4 objects at 768x576 were 57 MB: 7.7 s of a 795-frame run against 1.0 for one)
 UPSAMPLE_PIXELS = KEPT_BLOCK // 8
-IN_FLIGHT = 2  # pass-1 frames handed to each compute thread ahead of its work
+IN_FLIGHT = 2  # frames (pass 2: batches) handed to each compute thread ahead of its work
 ANCHOR_BATCH = 32  # anchor prompts (frames x expressions) decoded in one call
 
 
@@ -166,31 +168,44 @@ class Session:
     # ------------------------------------------------------------------- pass 2
     def _encoded(self, keep_frames: bool) -> Iterator[tuple[int, np.ndarray | None, Features]]:
         """Every frame in order with its features: segmentation frames from the cache,
-        the others encoded `encode_batch` at a time."""
+        the others encoded `encode_batch` at a time on the compute threads, IN_FLIGHT
+        batches per thread ahead (on one thread, resizing and encoding large frames held
+        the frame loop back). With one core, all of it on this thread."""
+        rt = self.rt
+        workers = rt.compute_workers if rt.threads.encoder_thread else 0
+        limit = IN_FLIGHT * max(1, workers)
+        ahead: deque = deque()  # (frames in order, Future of their batch's features | None)
         pending, batch = [], []
-
-        def flush():
-            feats = None
+        with ThreadPoolExecutor(workers) if workers else nullcontext() as pool:
+            submit = bounded(pool, limit)
+            for t, frame in self._timed(self.source.frames(), "decode"):
+                pending.append((t, frame))
+                if t not in self._seg_position:
+                    batch.append(frame)
+                # cached frames with nothing to encode before them go on at once: a clip
+                # whose every frame is cached (at most 64) was otherwise held whole
+                if len(batch) == rt.encode_batch or not batch:
+                    ahead.append((pending, submit(self._encode, batch) if batch else None))
+                    pending, batch = [], []
+                yield from self._hand_on(ahead, keep_frames, wait=len(ahead) > limit)
             if batch:
-                with self.timers("image encoder"):
-                    feats = self.rt.encode([f for _, f in batch])
-            row = {t: i for i, (t, _) in enumerate(batch)}
-            for t, frame in pending:
-                cached = self._seg_position.get(t)
-                one = self._seg.take([cached]) if cached is not None else feats.take([row[t]])
-                yield t, frame if keep_frames else None, one
-            pending.clear()
-            batch.clear()
+                ahead.append((pending, submit(self._encode, batch)))
+            while ahead:
+                yield from self._hand_on(ahead, keep_frames, wait=True)
 
-        for t, frame in self._timed(self.source.frames(), "decode"):
-            pending.append((t, frame))
-            if t not in self._seg_position:
-                batch.append((t, frame))
-            # cached frames with nothing to encode before them go on at once: a clip whose
-            # every frame is cached (at most 64 frames) was otherwise held whole to its end
-            if len(batch) == self.rt.encode_batch or not batch:
-                yield from flush()
-        yield from flush()
+    def _hand_on(self, ahead: deque, keep_frames: bool, wait: bool) -> Iterator:
+        """The frames of the oldest batches whose features are ready, in order; with
+        `wait`, the oldest's first."""
+        while ahead and (wait or ahead[0][1] is None or ahead[0][1].done()):
+            frames, future = ahead.popleft()
+            feats, row, wait = future.result() if future is not None else None, 0, False
+            for t, frame in frames:
+                cached = self._seg_position.get(t)
+                if cached is None:
+                    one, row = feats.take([row]), row + 1
+                else:
+                    one = self._seg.take([cached])
+                yield t, frame if keep_frames else None, one
 
     def _timed(self, items: Iterator, stage: str) -> Iterator:
         items = iter(items)

@@ -5,9 +5,9 @@ swung between 0.6 and 3.6 FPS on 2 cores, one thread gave 22-24 FPS). So the run
 splits the cores it is given between pipeline stages itself:
 
     1 core      everything in the calling thread, one compute thread
-    2+ cores    a background thread decodes and runs the image encoder ahead of the frame
-                loop (the calling thread: the memory loop); batches that do not depend on
-                each other (segmentation frames, anchors) run on both on a CPU; the two
+    2+ cores    a background thread decodes ahead of the frame loop (the calling thread:
+                the memory loop); batches that do not depend on each other (the image
+                encoder's frames, anchors) run on both compute threads on a CPU; the two
                 compute threads share the cores as intra-op threads (1 each on 2-3 cores);
                 a writer thread encodes and writes the masks (PNG, RLE, overlay) the frame
                 loop hands it. It is not a compute thread: PNG and H.264 encoding run in C
@@ -43,7 +43,8 @@ def available_cores() -> int:
 class ThreadPlan:
     cores: int
     intra_op: int  # torch / ONNX Runtime threads per compute thread
-    encoder_thread: bool  # image encoder and decoding ahead of the frame loop
+    encoder_thread: bool  # decoding (and the image encoder, on the compute threads) ahead
+    # of the frame loop
     writer_thread: bool  # masks encoded and written beside the frame loop
 
     @classmethod
@@ -55,7 +56,7 @@ class ThreadPlan:
         torch.set_num_threads(self.intra_op)
 
     def describe(self) -> str:
-        parts = (["frame loop"] + (["encoder + decode"] if self.encoder_thread else [])
+        parts = (["frame loop"] + (["decode"] if self.encoder_thread else [])
                  + (["mask writer"] if self.writer_thread else []))
         return (f"{self.cores} cores: threads {', '.join(parts)}; "
                 f"{self.intra_op} intra-op thread(s) each")
@@ -82,12 +83,17 @@ class Timers:
             self.seconds[stage] += seconds
 
 
-def bounded(pool: Executor, limit: int):
+def bounded(pool: Executor | None, limit: int):
     """`pool.submit` that first waits for the oldest of `limit` pending tasks: a producer
-    faster than the pool (a decoder) holds at most `limit` tasks' arguments (frames)."""
+    faster than the pool (a decoder) holds at most `limit` tasks' arguments (frames).
+    `pool=None`: each task runs at once on the calling thread."""
     pending: deque[Future] = deque()
 
     def submit(fn, *args) -> Future:
+        if pool is None:
+            future = Future()
+            future.set_result(fn(*args))
+            return future
         while len(pending) >= limit:
             pending.popleft().result()
         future = pool.submit(fn, *args)
