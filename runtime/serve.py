@@ -12,6 +12,9 @@ One segmentation runs at a time (the runtime uses every core it is given); up to
 `max_queue` more wait, beyond that the answer is 429 with Retry-After. A request past its
 deadline, or whose client went away, stops at the next frame and frees its place.
 Several expressions share one pass; later requests on a video reuse its cached features.
+At most `max_uploads` uploads are received and validated at once (more: 429); a video
+with more frames, larger frames or a larger archive than `limits` is refused with 413
+before its frames are decoded (runtime/store.py).
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-from runtime.store import NotAVideo, VideoStore
+from runtime.store import Limits, NotAVideo, TooLarge, VideoStore
 from runtime.threads import Handoff
 from runtime.writer import frame_record
 from virst.errors import InputError, VideoError, VirstError
@@ -68,6 +71,8 @@ class ServeConfig:
     store: Path = Path.home() / ".cache" / "virst" / "videos"
     media_root: Path | None = None
     max_upload_mb: float = 512
+    max_uploads: int = 4  # uploads received or validated at once; beyond, 429
+    limits: Limits = Limits()  # frames, frame size, an archive's uncompressed size
     max_queue: int = 8
     deadline_s: float = 600
     max_expressions: int = 8
@@ -89,6 +94,8 @@ class Metrics:
         self.requests = Counter("virst_requests", "HTTP requests", ["route", "status"],
                                 registry=r)
         self.queue = Gauge("virst_queue_depth", "segmentations waiting", registry=r)
+        self.uploads = Gauge("virst_uploads_in_progress", "uploads received or validated",
+                             registry=r)
         self.in_flight = Gauge("virst_in_flight", "segmentations running", registry=r)
         self.latency = Histogram("virst_request_seconds", "request latency", ["route"],
                                  registry=r, buckets=(.05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60,
@@ -219,9 +226,10 @@ class Server:
 
     def __init__(self, worker, config: ServeConfig):
         self.worker, self.cfg = worker, config
-        self.store = VideoStore(config.store)
+        self.store = VideoStore(config.store, config.limits)
         self.metrics = Metrics()
         self.waiting = 0
+        self.uploading = 0
         self.slots = asyncio.Semaphore(worker.concurrency)
         self.ready = False
 
@@ -374,6 +382,12 @@ def create_app(runtime, config: ServeConfig, warm: bool = True, worker=None) -> 
     async def add_video(request: Request):
         kind = request.headers.get("content-type", "")
         loop = asyncio.get_running_loop()
+        if server.uploading >= config.max_uploads:  # each holds disk and a decoding thread
+            m.errors.labels("uploads_full").inc()
+            raise HTTPException(429, f"{server.uploading} uploads are in progress; try again "
+                                     f"later", headers={"Retry-After": "5"})
+        server.uploading += 1
+        m.uploads.set(server.uploading)
         try:
             if kind.startswith("application/json"):
                 record = await loop.run_in_executor(None, _by_path, server, await _json(request))
@@ -385,8 +399,13 @@ def create_app(runtime, config: ServeConfig, warm: bool = True, worker=None) -> 
                                          "JSON {\"path\": ...}")
         except NotAVideo as err:
             raise HTTPException(415, str(err)) from err
+        except TooLarge as err:
+            raise HTTPException(413, str(err)) from err
         except VideoError as err:
             raise HTTPException(422, str(err)) from err
+        finally:
+            server.uploading -= 1
+            m.uploads.set(server.uploading)
         request.state.info["video"] = record.id
         return record.public()
 

@@ -5,7 +5,11 @@ so the same video uploaded twice is stored once, and everything survives a resta
 
 A video is validated whole when it arrives (every frame decoded), so that a corrupt or
 cut-short file is refused at upload, naming the frame, and never half-way through a
-segmentation.
+segmentation. What can be checked before decoding is checked first, against `Limits`: the
+frame count and size the container or the first frame declares, and an archive's member
+count and uncompressed size as it is listed (a 2 MB zip of one 2 GB member once took the
+server's peak RSS to 5.1 GB: members were read whole into memory). Error messages name
+the uploaded file and its members, never the server's own paths.
 """
 
 from __future__ import annotations
@@ -17,6 +21,9 @@ import shutil
 import tarfile
 import tempfile
 import zipfile
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -28,6 +35,31 @@ from virst.media import IMAGE_SUFFIXES
 
 class NotAVideo(VideoError):
     """Neither a video container nor an archive of frames."""
+
+
+class TooLarge(VideoError):
+    """More frames, larger frames or a larger archive than the server takes."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one video may hold; checked before its frames are decoded or extracted."""
+
+    frames: int = 100_000  # about an hour at 30 FPS
+    megapixels: float = 36.0  # a frame; 8K (8192 x 4320) fits
+    extracted_mb: float = 2048  # an archive's files, uncompressed
+
+    @property
+    def frame_bytes(self) -> int:
+        """The largest image file a frame can need: 8 bytes a pixel (16-bit RGBA), raw."""
+        return int(self.megapixels * 1e6 * 8) + (1 << 20)
+
+    def check(self, frames: int, width: int, height: int) -> None:
+        if frames > self.frames:
+            raise TooLarge(f"{frames} frames; this server takes at most {self.frames}")
+        if width * height > self.megapixels * 1e6:
+            raise TooLarge(f"frames of {width}x{height}; this server takes at most "
+                           f"{self.megapixels:g} megapixels a frame")
 
 
 @dataclass
@@ -44,14 +76,15 @@ class VideoRecord:
                 "height": self.height, "name": self.name}
 
 
-def validate(source: Path) -> tuple[int, int, int]:
-    """(frames, width, height) of a video every frame of which decodes."""
+def validate(source: Path, limits: Limits) -> tuple[int, int, int]:
+    """(frames, width, height) of a video within `limits` every frame of which decodes."""
     try:
-        video = open_video(source)
+        video = open_video(source)  # a probe: nothing decoded yet
     except VideoError as err:
         if "cannot read video" in str(err) or "no video stream" in str(err):
             raise NotAVideo(f"not a video: {err}") from err
         raise
+    limits.check(video.length, video.width, video.height)
     if source.is_dir():
         for _ in video.frames():  # reads every frame; a corrupt one raises, naming it
             pass
@@ -60,23 +93,53 @@ def validate(source: Path) -> tuple[int, int, int]:
     return video.length, video.width, video.height
 
 
-def _extract(archive: Path, folder: Path) -> None:
-    """Image members of a zip or tar archive, flattened into `folder` (no paths kept, so
-    no member can land outside it)."""
-    folder.mkdir(parents=True)
+@contextmanager
+def _members(archive: Path) -> Iterator[Iterator]:
+    """(name, declared size, open: None unless a file) of each entry of a zip or tar
+    archive, as it is listed: a zip from its directory, a tar header by header (a
+    compressed tar is not read past the entry being listed). A file reads at most its
+    declared size in both."""
     if zipfile.is_zipfile(archive):
         with zipfile.ZipFile(archive) as z:
-            for info in z.infolist():
-                name = Path(info.filename).name
-                if not info.is_dir() and Path(name).suffix.lower() in IMAGE_SUFFIXES:
-                    (folder / name).write_bytes(z.read(info))
+            yield ((i.filename, i.file_size, None if i.is_dir() else lambda i=i: z.open(i))
+                   for i in z.infolist())
     else:
         with tarfile.open(archive) as t:
-            for member in t.getmembers():
-                name = Path(member.name).name
-                if member.isfile() and Path(name).suffix.lower() in IMAGE_SUFFIXES:
-                    (folder / name).write_bytes(t.extractfile(member).read())
-    if not any(folder.iterdir()):
+            yield ((m.name, m.size, (lambda m=m: t.extractfile(m)) if m.isfile() else None)
+                   for m in t)
+
+
+def _extract(archive: Path, folder: Path, limits: Limits) -> None:
+    """Image members of a zip or tar archive, flattened into `folder` (no paths kept, so
+    no member can land outside it), streamed to disk. Refused before a member is read:
+    more entries than `limits.frames`, more than `limits.extracted_mb` uncompressed, an image
+    larger than a frame can be, two frames of one name (one would replace the other)."""
+    folder.mkdir(parents=True)
+    budget, files, names = limits.extracted_mb * (1 << 20), 0, set()
+    try:
+        with _members(archive) as members:
+            for path, size, open_member in members:
+                name, files, budget = Path(path).name, files + 1, budget - size
+                image = open_member is not None and Path(name).suffix.lower() in IMAGE_SUFFIXES
+                if files > limits.frames:  # every entry costs listing, frames or not
+                    raise TooLarge(f"the archive holds more than {limits.frames} entries; "
+                                   f"this server takes at most {limits.frames} frames")
+                if image and size > limits.frame_bytes:
+                    raise TooLarge(f"{path} is {size >> 20} MB uncompressed, more than a "
+                                   f"frame of {limits.megapixels:g} megapixels can be")
+                if budget < 0:
+                    raise TooLarge(f"the archive's files exceed {limits.extracted_mb:g} MB "
+                                   f"uncompressed (at {path})")
+                if not image:
+                    continue
+                if name in names:
+                    raise VideoError(f"the archive holds two frames named {name}")
+                names.add(name)
+                with open_member() as src, open(folder / name, "wb") as dst:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+    except (zipfile.BadZipFile, tarfile.TarError, zlib.error, EOFError) as err:
+        raise VideoError(f"the archive is corrupt: {err}") from err
+    if not names:
         raise NotAVideo("the archive holds no image frames")
 
 
@@ -85,8 +148,8 @@ def is_archive(path: Path) -> bool:
 
 
 class VideoStore:
-    def __init__(self, root: str | Path):
-        self.root = Path(root)
+    def __init__(self, root: str | Path, limits: Limits = Limits()):
+        self.root, self.limits = Path(root), limits
         self.root.mkdir(parents=True, exist_ok=True)
         self.tmp = self.root / ".incoming"
         self.tmp.mkdir(exist_ok=True)
@@ -114,16 +177,17 @@ class VideoStore:
             if known is not None:
                 return known
             work = Path(tempfile.mkdtemp(dir=self.tmp))
+            archive, label = is_archive(spooled), Path(name).name
+            source = work / ("frames" if archive else
+                             "video" + (Path(name).suffix.lower() or ".bin"))
             try:
-                if is_archive(spooled):
-                    source = work / "frames"
-                    _extract(spooled, source)
+                if archive:
+                    _extract(spooled, source, self.limits)
                 else:
-                    source = work / ("video" + (Path(name).suffix.lower() or ".bin"))
                     os.replace(spooled, source)
-                frames, width, height = validate(source)
+                frames, width, height = validate(source, self.limits)
                 final = self.root / video_id
-                record = VideoRecord(video_id, frames, width, height, Path(name).name,
+                record = VideoRecord(video_id, frames, width, height, label,
                                      str(final / source.name))
                 (work / "meta.json").write_text(json.dumps(asdict(record)))
                 try:
@@ -134,6 +198,9 @@ class VideoStore:
                         raise
                     return existing
                 return record
+            except VideoError as err:  # named as the client knows it, not by our paths
+                text = str(err).replace(f"{source}/", f"{label}:").replace(str(source), label)
+                raise type(err)(text) from err
             finally:
                 shutil.rmtree(work, ignore_errors=True)
         finally:
@@ -146,7 +213,7 @@ class VideoStore:
         known = self.get(video_id)
         if known is not None:
             return known
-        frames, width, height = validate(path)
+        frames, width, height = validate(path, self.limits)
         record = VideoRecord(video_id, frames, width, height, path.name, str(path))
         folder = self.root / video_id
         folder.mkdir(exist_ok=True)

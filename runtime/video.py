@@ -79,12 +79,12 @@ class VideoSource:
                 for frame in container.decode(stream):
                     if t >= self.length:
                         break
+                    if (frame.height, frame.width) != self.size:  # before converting it
+                        raise VideoError(f"{self.label}: frame {t} is {frame.width}x"
+                                         f"{frame.height}, the video is {self.width}x"
+                                         f"{self.height}")
                     if keep is None or t in keep:
-                        rgb = frame_rgb(frame)
-                        if rgb.shape[:2] != self.size:
-                            raise VideoError(f"{self.label}: frame {t} is {rgb.shape[:2]}, "
-                                             f"the video is {self.size}")
-                        yield t, rgb
+                        yield t, frame_rgb(frame)
                     else:
                         yield t, None
                     t += 1
@@ -96,16 +96,19 @@ class VideoSource:
                              f"frames (corrupt or cut short)")
 
 
+UNREADABLE = (UnidentifiedImageError, Image.DecompressionBombError, OSError)
+
+
 def _read_image(path: Path, size: tuple[int, int]) -> np.ndarray:
+    """A frame of `size`, which its header must declare before anything is decoded."""
     try:
         with Image.open(path) as im:
-            frame = np.asarray(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError) as err:
+            if im.size[::-1] != size:
+                raise VideoError(f"frame {path} is {im.size[0]}x{im.size[1]}, earlier frames "
+                                 f"are {size[1]}x{size[0]}: all frames must have one size")
+            return np.asarray(im.convert("RGB"))
+    except UNREADABLE as err:
         raise VideoError(f"cannot read frame {path}: {err}") from err
-    if frame.shape[:2] != size:
-        raise VideoError(f"frame {path} is {frame.shape[:2]}, earlier frames are {size}: all "
-                         f"frames must have one size")
-    return frame
 
 
 # -------------------------------------------------------------------------- probing
@@ -155,7 +158,7 @@ def _probe_folder(folder: Path) -> VideoSource:
     try:
         with Image.open(files[0]) as im:
             width, height = im.size
-    except (UnidentifiedImageError, OSError) as err:
+    except UNREADABLE as err:
         raise VideoError(f"cannot read frame {files[0]}: {err}") from err
     return VideoSource(str(folder), len(files), height, width, [f.stem for f in files],
                        _files=files)

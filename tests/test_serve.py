@@ -4,21 +4,27 @@ a full queue answers 429 without losing accepted work, a client that leaves free
 slot, keys are checked, uploads outlive the server. Traffic is bounded and local only."""
 
 import contextlib
+import io
 import json
+import socket
 import subprocess
 import sys
+import tarfile
 import threading
 import time
+import zipfile
 
 import httpx
 import numpy as np
 import pytest
 import uvicorn
 from conftest import truncated_avi
+from PIL import Image
 
 from runtime.client import Client, decode_record, segment_to
 from runtime.pipeline import Runtime
 from runtime.serve import ServeConfig, create_app
+from runtime.store import Limits
 from virst.media import read_mask, write_video
 
 
@@ -209,7 +215,7 @@ def test_the_same_video_uploaded_at_once_is_stored_once(runtime, videos, tmp_pat
     """Content addressing under concurrency: simultaneous uploads of one file all succeed
     with one id (the store's rename race is handled)."""
     root, _ = videos
-    with serving(runtime, ServeConfig(store=tmp_path / "store")) as url:
+    with serving(runtime, ServeConfig(store=tmp_path / "store", max_uploads=6)) as url:
         data = (root / "clip.mp4").read_bytes()
         answers = []
 
@@ -227,6 +233,108 @@ def test_the_same_video_uploaded_at_once_is_stored_once(runtime, videos, tmp_pat
     assert sorted(p.name for p in (tmp_path / "store").iterdir()) == [
         ".incoming", answers[0].json()["id"]]
     assert not any((tmp_path / "store" / ".incoming").iterdir())
+
+
+def _png(width, height, mode="RGB") -> bytes:
+    out = io.BytesIO()
+    Image.new(mode, (width, height)).save(out, "PNG")
+    return out.getvalue()
+
+
+def _zip(members, big: tuple[str, int] | None = None) -> bytes:
+    """A zip of (name, bytes) members, and optionally one member of `big` zero bytes
+    (deflated to about a thousandth of it: a zip bomb)."""
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as z:
+        for name, data in members:
+            z.writestr(name, data)
+        if big:
+            with z.open(big[0], "w", force_zip64=True) as f:
+                for _ in range(big[1] >> 20):
+                    f.write(bytes(1 << 20))
+    return out.getvalue()
+
+
+def _tar_gz(members) -> bytes:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w:gz") as t:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    return out.getvalue()
+
+
+def test_uploads_beyond_the_limits_are_refused_before_anything_is_decoded(runtime, tmp_path):
+    """Frame count, frame size and an archive's uncompressed size are checked from what
+    the container, the headers and the archive's listing declare. Before: a 64 MB zero
+    member in a 64 KB zip was read whole into the server's memory (2 GB in 2 MB: 5.1 GB
+    peak RSS); frames of another size were decoded first; messages named server paths."""
+    frame = _png(64, 48)
+    limits = Limits(frames=20, megapixels=0.5, extracted_mb=2)  # frame_bytes ~5 MB
+    cases = [
+        ("bomb.zip", _zip([("0000.png", frame)], big=("0001.png", 64 << 20)), 413,
+         "0001.png is 64 MB uncompressed"),
+        ("many.tar.gz", _tar_gz([(f"{i:04d}.png", frame) for i in range(30)]), 413,
+         "more than 20 entries"),
+        ("heavy.zip", _zip([(f"{i}.bmp", bytes(700_000)) for i in range(4)]), 413,
+         "exceed 2 MB uncompressed (at 2.bmp)"),
+        ("wide.zip", _zip([("0.png", _png(1000, 600, "1"))]), 413,
+         "frames of 1000x600; this server takes at most 0.5 megapixels"),
+        ("mixed.zip", _zip([("0.png", frame), ("1.png", _png(2000, 2000, "1"))]), 422,
+         "frame mixed.zip:1.png is 2000x2000, earlier frames are 64x48"),
+        ("bomb.png.zip", _zip([("0.png", frame), ("1.png", _png(30000, 30000, "1"))]), 422,
+         "cannot read frame bomb.png.zip:1.png: Image size (900000000 pixels)"),  # was 500
+        ("twice.zip", _zip([("a/0.png", frame), ("b/0.png", frame)]), 422,
+         "two frames named 0.png"),
+    ]
+    with serving(runtime, ServeConfig(store=tmp_path / "store", limits=limits)) as url:
+        http = httpx.Client(base_url=url, timeout=120)
+        for name, data, status, message in cases:
+            r = http.post("/v1/videos", files={"file": (name, data)})
+            assert r.status_code == status, (name, r.text)
+            assert message in r.json()["error"], (name, r.text)
+            assert str(tmp_path) not in r.text  # no server path in the answer
+        assert not any((tmp_path / "store" / ".incoming").iterdir())  # nothing left behind
+        ok = http.post("/v1/videos", files={"file": ("ok.zip", _zip(
+            [(f"{i:02d}.png", frame) for i in range(20)]))})
+        assert ok.status_code == 200 and ok.json()["frames"] == 20
+
+
+def test_uploads_beyond_max_uploads_answer_429_and_a_dropped_one_frees_its_place(
+        runtime, videos, tmp_path):
+    """An upload holds disk and a decoding thread: at most `max_uploads` at once. A client
+    that stalls mid-upload holds its place until it goes away, then frees it."""
+    root, _ = videos
+    with serving(runtime, ServeConfig(store=tmp_path / "store", max_uploads=1)) as url:
+        host, port = url.removeprefix("http://").split(":")
+
+        def uploads_in_progress() -> float:
+            text = httpx.get(f"{url}/metrics").text
+            return float(text.split("\nvirst_uploads_in_progress ")[1].split()[0])
+
+        def wait_for(count: float) -> None:
+            deadline = time.time() + 30
+            while uploads_in_progress() != count:
+                assert time.time() < deadline, f"uploads in progress never reached {count}"
+                time.sleep(0.05)
+
+        stalled = socket.create_connection((host, int(port)))
+        stalled.sendall(b"POST /v1/videos HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n"
+                        b"Content-Type: multipart/form-data; boundary=B\r\n\r\n--B\r\n"
+                        b'Content-Disposition: form-data; name="file"; filename="a.mp4"'
+                        b"\r\n\r\n" + bytes(1000))
+        wait_for(1)
+        data = (root / "clip.mp4").read_bytes()
+        busy = httpx.post(f"{url}/v1/videos", files={"file": ("c.mp4", data)}, timeout=60)
+        assert busy.status_code == 429 and busy.headers["retry-after"] == "5"
+        assert "1 uploads are in progress" in busy.json()["error"]
+        stalled.close()
+        wait_for(0)
+        ok = httpx.post(f"{url}/v1/videos", files={"file": ("c.mp4", data)}, timeout=60)
+        assert ok.status_code == 200 and ok.json()["frames"] > 0
+        assert 'virst_errors_total{kind="uploads_full"} 1.0' in httpx.get(f"{url}/metrics").text
+    assert [p.name for p in (tmp_path / "store" / ".incoming").iterdir()] == []
 
 
 def test_a_blocked_log_sink_does_not_block_the_server_thread():

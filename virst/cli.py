@@ -61,8 +61,13 @@ def cmd_segment(args) -> None:
 def cmd_serve(args) -> None:
     """The runtime behind HTTP (runtime/serve.py); `--ray` deploys it on Ray Serve."""
     from runtime.serve import ServeConfig, log_off_the_event_loop, read_api_keys
+    from runtime.store import Limits
 
-    config = ServeConfig(max_upload_mb=args.max_upload_mb, max_queue=args.max_queue,
+    given = {"frames": args.max_frames, "megapixels": args.max_megapixels,
+             "extracted_mb": args.max_extracted_mb}
+    limits = Limits(**{k: v for k, v in given.items() if v is not None})  # else the defaults
+    config = ServeConfig(max_upload_mb=args.max_upload_mb, max_uploads=args.max_uploads,
+                         limits=limits, max_queue=args.max_queue,
                          deadline_s=args.deadline_s, sessions=args.sessions,
                          api_keys=read_api_keys(args.api_keys) if args.api_keys else [])
     if args.store:
@@ -341,6 +346,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", help="where uploads are kept (default ~/.cache/virst/videos)")
     p.add_argument("--media-root", help="folder whose files may be segmented by path")
     p.add_argument("--max-upload-mb", type=float, default=512)
+    p.add_argument("--max-uploads", type=int, default=4, help="uploads at once before 429")
+    p.add_argument("--max-frames", type=int, help="frames a video (default 100000)")
+    p.add_argument("--max-megapixels", type=float, help="pixels a frame (default 36)")
+    p.add_argument("--max-extracted-mb", type=float,
+                   help="a frame archive's files, uncompressed (default 2048)")
     p.add_argument("--max-queue", type=int, default=8, help="waiting requests before 429")
     p.add_argument("--deadline-s", type=float, default=600, help="per-request deadline")
     p.add_argument("--sessions", type=int, default=4, help="videos whose features stay cached")
