@@ -5,13 +5,14 @@
     pointers  (B, K + Q, C)        K anchor pointers, then a ring of Q = max_obj_ptrs - 1
 
 What each frame attends to is SAM2's selection (`virst.tdau.select_memory`, the reference),
-turned once per video into index tables on the device: slot indices, temporal-encoding
-rows and validity of the fixed `S = max_memory_frames` spatial and `P = max_pointer_frames`
-pointer entries of every frame. The frame loop then only gathers rows; the temporal
-encodings of pointers are computed once per video for every distance. Nothing in the loop
-depends on host values, so a GPU never waits on the host inside it.
+turned into index tables on the device, INDEX_WINDOW frames at a time: slot indices,
+temporal-encoding rows and validity of the fixed `S = max_memory_frames` spatial and
+`P = max_pointer_frames` pointer entries of each frame, and the temporal encodings of its
+pointers. The frame loop only gathers rows. Nothing in the loop waits on the device, so a
+GPU never idles for the host inside it; and nothing is held per frame of the video (tables
+for all frames of a one-hour video were 62 MB and took 18 s before its first mask).
 
-The same selection says which anchors' spatial memory is ever read (`FrameIndex.read`):
+The same selection says which anchors' spatial memory is ever read (`anchors_read`):
 the others skip the memory encoder, the larger half of an anchor step (the whole of it
 when every frame is an anchor, as in a clip of at most 64 frames with the embedded model).
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from sam2.modeling.sam2_utils import get_1d_sine_pe
 
@@ -27,65 +29,92 @@ from runtime.backends.base import StepOutput, TrackInputs
 from virst.config import VirstConfig
 from virst.tdau import select_memory
 
+INDEX_WINDOW = 256  # frames whose index tables are held at once
+
 
 @dataclass
 class FrameIndex:
-    """Index tables of every frame of a video, (T, S) and (T, P)."""
+    """Index tables of the frames `start` .. `start + W - 1`: (W, S) and (W, P)."""
 
+    start: int
     spatial: torch.Tensor  # slot per spatial entry
     tpos: torch.Tensor  # row of maskmem_tpos_enc per spatial entry
     spatial_valid: torch.Tensor
     pointer: torch.Tensor  # slot per pointer entry
-    distance: torch.Tensor  # row of the pointer temporal-encoding table
+    pointer_pos: torch.Tensor  # (W, P, C) temporal encoding per pointer entry
     pointer_valid: torch.Tensor
-    read: frozenset[int]  # anchor frames whose spatial memory some tracked frame reads
+
+    def holds(self, frame: int) -> bool:
+        return 0 <= frame - self.start < len(self.spatial)
 
 
-def index_tables(cfg: VirstConfig, anchors: list[int], num_frames: int,
-                 device: torch.device) -> FrameIndex:
-    """SAM2's memory selection of every frame as slot indices into the bank's buffers."""
+def _plans(cfg: VirstConfig, anchors: list[int], num_frames: int, frames: range):
+    """SAM2's memory selection of each tracked frame in `frames` (anchors are predicted)."""
+    is_anchor = set(anchors)
+    for t in frames:
+        if t not in is_anchor:
+            yield t, select_memory(t, anchors, num_frames, num_maskmem=cfg.num_maskmem,
+                                   max_anchors=cfg.max_anchors_in_attn,
+                                   max_obj_ptrs=cfg.max_obj_ptrs)
+
+
+def anchors_read(cfg: VirstConfig, anchors: list[int], num_frames: int) -> frozenset[int]:
+    """Anchor frames whose spatial memory some tracked frame reads."""
+    is_anchor = set(anchors)
+    return frozenset(f for _, plan in _plans(cfg, anchors, num_frames, range(num_frames))
+                     for _, f in plan.spatial if f in is_anchor)
+
+
+def index_tables(cfg: VirstConfig, constants: dict, anchors: list[int], num_frames: int,
+                 frames: range, device: torch.device, dtype: torch.dtype) -> FrameIndex:
+    """SAM2's memory selection of `frames` as slot indices into the bank's buffers."""
     k, r, q = len(anchors), cfg.num_maskmem - 1, cfg.max_obj_ptrs - 1
     slot_of = {a: i for i, a in enumerate(anchors)}
-    s_max, p_max = cfg.max_memory_frames, cfg.max_pointer_frames
-    rows = {name: torch.zeros(num_frames, n, dtype=torch.long) for name, n in
-            (("spatial", s_max), ("tpos", s_max), ("pointer", p_max), ("distance", p_max))}
-    s_valid = torch.zeros(num_frames, s_max)
-    p_valid = torch.zeros(num_frames, p_max)
-    read = set()
-    for t in range(num_frames):
-        if t in slot_of:
-            continue  # anchors are predicted, not tracked
-        plan = select_memory(t, anchors, num_frames, num_maskmem=cfg.num_maskmem,
-                             max_anchors=cfg.max_anchors_in_attn, max_obj_ptrs=cfg.max_obj_ptrs)
-        read.update(f for _, f in plan.spatial if f in slot_of)
-        spatial = [(slot_of[a], 0) for a in plan.anchors]
-        spatial += [(k + f % r, t_pos) for t_pos, f in plan.previous]
-        for i, (slot, t_pos) in enumerate(spatial):
-            rows["spatial"][t, i], rows["tpos"][t, i] = slot, cfg.num_maskmem - t_pos - 1
-        s_valid[t, : len(spatial)] = 1
-        for i, (dist, f) in enumerate(plan.pointers):
-            rows["pointer"][t, i] = slot_of[f] if f in plan.anchors else k + f % q
-            rows["distance"][t, i] = dist
-        p_valid[t, : len(plan.pointers)] = 1
-    return FrameIndex(rows["spatial"].to(device), rows["tpos"].to(device), s_valid.to(device),
-                      rows["pointer"].to(device), rows["distance"].to(device),
-                      p_valid.to(device), frozenset(read))
+    n, s_max, p_max = len(frames), cfg.max_memory_frames, cfg.max_pointer_frames
+    spatial, tpos, pointer, distance = (np.zeros((n, m), np.int64)
+                                        for m in (s_max, s_max, p_max, p_max))
+    s_valid, p_valid = np.zeros((n, s_max), np.float32), np.zeros((n, p_max), np.float32)
+    for t, plan in _plans(cfg, anchors, num_frames, frames):
+        i = t - frames.start
+        entries = [(slot_of[a], 0) for a in plan.anchors]
+        entries += [(k + f % r, t_pos) for t_pos, f in plan.previous]
+        for j, (slot, t_pos) in enumerate(entries):
+            spatial[i, j], tpos[i, j] = slot, cfg.num_maskmem - t_pos - 1
+        s_valid[i, : len(entries)] = 1
+        for j, (dist, f) in enumerate(plan.pointers):
+            pointer[i, j] = slot_of[f] if f in plan.anchors else k + f % q
+            distance[i, j] = dist
+        p_valid[i, : len(plan.pointers)] = 1
+    on_device = [_to_device(a, device) for a in (spatial, tpos, s_valid, pointer, distance,
+                                                 p_valid)]
+    pointer_pos = pointer_encodings(constants, cfg, num_frames, on_device[4]).to(dtype)
+    return FrameIndex(frames.start, *on_device[:4], pointer_pos, on_device[5])
+
+
+def _to_device(table: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Host table -> device; on a GPU from pinned memory without waiting for the device."""
+    host = torch.from_numpy(table)
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
 
 
 def pointer_encodings(constants: dict, cfg: VirstConfig, num_frames: int,
-                      device: torch.device) -> torch.Tensor:
-    """(num_frames, Cm): SAM2's signed temporal encoding of an object pointer `d` frames
+                      distance: torch.Tensor) -> torch.Tensor:
+    """(..., Cm): SAM2's signed temporal encoding of object pointers `distance` frames
     back, normalised by min(num_frames, max_obj_ptrs) - 1, through `obj_ptr_tpos_proj`."""
     t_max = max(1, min(num_frames, cfg.max_obj_ptrs) - 1)
-    dist = torch.arange(num_frames, dtype=torch.float32, device=device) / t_max
-    w = constants["obj_ptr_tpos_proj.weight"].to(device, torch.float32)
-    b = constants["obj_ptr_tpos_proj.bias"].to(device, torch.float32)
-    return torch.nn.functional.linear(get_1d_sine_pe(dist, dim=cfg.sam_dim), w, b)
+    dist = distance.to(torch.float32).flatten() / t_max
+    w = constants["obj_ptr_tpos_proj.weight"].to(distance.device, torch.float32)
+    b = constants["obj_ptr_tpos_proj.bias"].to(distance.device, torch.float32)
+    enc = torch.nn.functional.linear(get_1d_sine_pe(dist, dim=cfg.sam_dim), w, b)
+    return enc.view(*distance.shape, -1)
 
 
 class MemoryBank:
     def __init__(self, cfg: VirstConfig, constants: dict, anchors: list[int], num_frames: int,
-                 objects: int, device: torch.device, dtype: torch.dtype = torch.float32):
+                 objects: int, device: torch.device, dtype: torch.dtype = torch.float32,
+                 window: int = INDEX_WINDOW):
         k = len(anchors)
         hw = cfg.sam_feat_size**2
         storage = torch.bfloat16 if cfg.memory_bf16_storage else dtype
@@ -98,18 +127,28 @@ class MemoryBank:
                                     device=device)
         tpos = constants["maskmem_tpos_enc"].to(device, dtype)
         self.tpos = tpos.reshape(cfg.num_maskmem, cfg.mem_dim)
-        self.pointer_pos = pointer_encodings(constants, cfg, num_frames, device).to(dtype)
-        self.index = index_tables(cfg, self.anchors, num_frames, device)
+        self.constants, self.num_frames, self.device, self.window = (constants, num_frames,
+                                                                     device, window)
+        self.index: FrameIndex | None = None
+        self.read = anchors_read(cfg, self.anchors, num_frames)
 
     @property
     def anchors_read(self) -> frozenset[int]:
         """Anchor frames whose spatial memory a tracked frame reads; only these need it."""
-        return self.index.read
+        return self.read
+
+    def _index(self, frame: int) -> FrameIndex:
+        """The tables of the window holding `frame` (the next window's, once it leaves)."""
+        if self.index is None or not self.index.holds(frame):
+            frames = range(frame, min(frame + self.window, self.num_frames))
+            self.index = index_tables(self.cfg, self.constants, self.anchors,
+                                      self.num_frames, frames, self.device, self.dtype)
+        return self.index
 
     def _store(self, frame: int, slot: int, ptr_slot: int, out: StepOutput) -> None:
         self.pointers[:, ptr_slot] = out.ptr
         if out.maskmem is None:  # only an anchor nobody reads may come without memory
-            if frame in self.index.read or frame not in self.anchor_slot:
+            if frame in self.read or frame not in self.anchor_slot:
                 raise RuntimeError(f"frame {frame}'s spatial memory is read but was not "
                                    f"computed")
             return
@@ -126,12 +165,12 @@ class MemoryBank:
         self._store(frame, k + frame % self.ring, k + frame % self.pointer_ring, out)
 
     def inputs(self, frame: int) -> TrackInputs:
-        ix = self.index
-        b = self.spatial.shape[0]
+        ix = self._index(frame)
+        i, b = frame - ix.start, self.spatial.shape[0]
         return TrackInputs(
-            memory=self.spatial[:, ix.spatial[frame]].to(self.dtype),
-            memory_tpos=self.tpos[ix.tpos[frame]].expand(b, -1, -1),
-            memory_valid=ix.spatial_valid[frame].to(self.dtype).expand(b, -1),
-            pointers=self.pointers[:, ix.pointer[frame]],
-            pointer_pos=self.pointer_pos[ix.distance[frame]].expand(b, -1, -1),
-            pointer_valid=ix.pointer_valid[frame].to(self.dtype).expand(b, -1))
+            memory=self.spatial[:, ix.spatial[i]].to(self.dtype),
+            memory_tpos=self.tpos[ix.tpos[i]].expand(b, -1, -1),
+            memory_valid=ix.spatial_valid[i].to(self.dtype).expand(b, -1),
+            pointers=self.pointers[:, ix.pointer[i]],
+            pointer_pos=ix.pointer_pos[i].expand(b, -1, -1),
+            pointer_valid=ix.pointer_valid[i].to(self.dtype).expand(b, -1))
