@@ -57,6 +57,12 @@ class Session:
         self._video_tokens: torch.Tensor | None = None
         self._seg: Features | None = None
         self.cache_hits = 0
+        self.on_sampled = None  # called as pass 1 decodes each sampled frame (progress)
+
+    @property
+    def sampled_frames(self) -> int:
+        """Frames pass 1 keeps; spread over the video, so they measure its progress."""
+        return len(set(self.plan.vlm) | set(self.plan.seg))
 
     @property
     def length(self) -> int:
@@ -78,6 +84,8 @@ class Session:
         with ThreadPoolExecutor(rt.compute_workers) as pool:
             submit = bounded(pool, IN_FLIGHT * rt.compute_workers)
             for t, frame in self._timed(self.source.sampled(vlm | set(seg)), "decode"):
+                if self.on_sampled is not None:
+                    self.on_sampled()
                 if t in vlm:
                     pixels[t] = submit(self._vlm_pixels, frame)
                 if t in self._seg_position:
