@@ -112,6 +112,10 @@ class Metrics:
                                registry=r)
 
 
+class _Stopped(Exception):
+    """Pass 1 stopped: past the deadline, or nobody waits for the answer."""
+
+
 class Segmenter:
     """Segmentation requests on one `Runtime`, with the sessions (cached features) of the
     videos asked about most recently. Used by the local worker thread and by each Ray
@@ -144,20 +148,38 @@ class Segmenter:
             pass
 
     def segment(self, video_id: str, source: str, expressions: list[str],
-                deadline: float = float("inf")):
+                deadline: float = float("inf"), cancelled=lambda: False):
         """Frame records as they are known, then {"summary": ...}; {"error", "status"} when
-        the deadline passes (the generator's consumer stops it by closing it)."""
+        the deadline passes (the generator's consumer stops it by closing it). Pass 1,
+        which reads the whole video before the first frame (minutes on a long one), stops
+        at its next sampled frame once the deadline passes or `cancelled()` says so."""
         start = time.perf_counter()
         session, cached = self.session(video_id, source)
         before = dict(session.timers.seconds)
         frames = 0
-        for fm in session.segment(expressions):
-            if time.perf_counter() > deadline:
-                yield {"error": f"deadline exceeded after {frames} of {session.length} frames",
+
+        def check():
+            if cancelled() or time.perf_counter() > deadline:
+                raise _Stopped
+
+        session.on_sampled = check
+        try:
+            for fm in session.segment(expressions):
+                if time.perf_counter() > deadline:
+                    yield {"error": f"deadline exceeded after {frames} of {session.length} "
+                                    f"frames", "status": 504}
+                    return
+                yield frame_record(fm)
+                frames += 1
+        except _Stopped:  # the session holds no features: the next request starts anew
+            self.forget(video_id)
+            if not cancelled():
+                yield {"error": f"deadline exceeded while reading the video's "
+                                f"{session.length} frames, before the first mask",
                        "status": 504}
-                return
-            yield frame_record(fm)
-            frames += 1
+            return
+        finally:
+            session.on_sampled = None
         seconds = time.perf_counter() - start
         stages = {k: round(v - before.get(k, 0.0), 4) for k, v in session.timers.seconds.items()}
         yield {"summary": {"video": video_id, "frames": frames, "expressions": expressions,
@@ -191,7 +213,7 @@ class LocalWorker:
         def run():
             try:
                 for item in self.segmenter.segment(record.id, record.source, expressions,
-                                                   deadline):
+                                                   deadline, handoff.stopped.is_set):
                     if not handoff.put(item):
                         return  # the client went away: stop here, free the worker
             except VirstError as err:

@@ -23,8 +23,9 @@ from PIL import Image
 
 from runtime.client import Client, decode_record, segment_to
 from runtime.pipeline import Runtime
-from runtime.serve import ServeConfig, create_app
+from runtime.serve import Segmenter, ServeConfig, create_app
 from runtime.store import Limits
+from runtime.video import open_video
 from virst.media import read_mask, write_video
 
 
@@ -187,6 +188,26 @@ def test_a_client_that_leaves_frees_its_slot(runtime, videos, tmp_path):
         metrics = httpx.get(f"{url}/metrics").text
         assert 'virst_errors_total{kind="client_gone"} 1.0' in metrics
         assert "virst_in_flight 0.0" in metrics
+
+
+def test_pass_1_stops_at_the_deadline_or_when_nobody_waits(runtime, videos):
+    """Pass 1 reads the whole video before the first mask (minutes on a long one); it used
+    to run on past the deadline or after the client had gone, holding the only slot."""
+    root, texts = videos
+    segmenter, source = Segmenter(runtime), str(root / "long.mp4")
+    length, calls = open_video(source).length, []
+
+    def cancelled_at_third_frame() -> bool:
+        calls.append(1)
+        return len(calls) >= 3
+
+    items = list(segmenter.segment("v", source, texts[:1], cancelled=cancelled_at_third_frame))
+    assert items == [] and len(calls) == 3 + 1  # stopped at the 3rd of 64 sampled frames
+    late = list(segmenter.segment("v", source, texts[:1], deadline=time.perf_counter() - 1))
+    assert late == [{"error": f"deadline exceeded while reading the video's {length} "
+                              f"frames, before the first mask", "status": 504}]
+    whole = list(segmenter.segment("v", source, texts[:1]))  # the session starts anew
+    assert whole[-1]["summary"]["frames"] == length and not whole[-1]["summary"]["cached"]
 
 
 def test_api_keys_are_required_and_uploads_survive_a_restart(runtime, videos, tmp_path):
