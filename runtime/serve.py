@@ -79,6 +79,21 @@ class ServeConfig:
     sessions: int = 4  # videos whose features stay cached
     api_keys: list[str] = field(default_factory=list)
 
+    def __post_init__(self):
+        """A setting that would turn every request away is refused, naming its flag
+        (None: must be positive)."""
+        for flag, value, least in (
+                ("--max-upload-mb", self.max_upload_mb, None),
+                ("--max-uploads", self.max_uploads, 1), ("--max-queue", self.max_queue, 0),
+                ("--deadline-s", self.deadline_s, None),
+                ("--max-expressions", self.max_expressions, 1),
+                ("--sessions", self.sessions, 1), ("--max-frames", self.limits.frames, 1),
+                ("--max-megapixels", self.limits.megapixels, None),
+                ("--max-extracted-mb", self.limits.extracted_mb, None)):
+            if not (value > 0 if least is None else value >= least):
+                must = "positive" if least is None else f"at least {least}"
+                raise InputError(f"{flag} must be {must}, not {value}")
+
 
 def read_api_keys(path: str | Path) -> list[str]:
     keys = [line.strip() for line in Path(path).read_text().splitlines()]

@@ -64,6 +64,18 @@ def test_outputs_are_checked_before_any_work(clip, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_serve_settings_that_would_turn_every_request_away_are_refused_by_name():
+    """Before: `virst serve --max-upload-mb -5` started and refused every upload."""
+    for flag, value, message in [("--max-upload-mb", "-5", "must be positive, not -5.0"),
+                                 ("--max-uploads", "0", "must be at least 1, not 0"),
+                                 ("--max-frames", "0", "must be at least 1, not 0"),
+                                 ("--max-megapixels", "nan", "must be positive, not nan"),
+                                 ("--deadline-s", "0", "must be positive, not 0.0")]:
+        res = run("serve", "--port", "0", flag, value)
+        assert res.returncode == 2 and f"{flag} {message}" in res.stderr, (flag, res.stderr)
+        assert "Traceback" not in res.stderr
+
+
 def test_devices_and_options_are_named(clip, tmp_path):
     import torch
 
