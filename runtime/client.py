@@ -10,7 +10,12 @@ folder (or RLE file) `virst segment` writes.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import tempfile
+import time
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,17 +24,39 @@ import numpy as np
 from pycocotools import mask as coco_mask
 
 from runtime.writer import FrameMasks, MaskWriter
-from virst.errors import VirstError
+from virst.errors import InputError, VirstError
+from virst.media import IMAGE_SUFFIXES
+
+BUSY_RETRIES = 5  # answers 429 (the server is busy) waited out, each for its Retry-After
 
 
 class ServerError(VirstError):
-    """The server answered with an error status; the message is its own."""
+    """The server answered with an error status (the message is its own), or could not be
+    reached."""
 
 
 class Client:
     def __init__(self, url: str, api_key: str | None = None, timeout: float = 600):
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
+        self.url = url.rstrip("/")
+        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+
+    @contextlib.contextmanager
+    def _request(self, method: str, path: str, body=None, allow=(), **kwargs):
+        """The response (streamed), an error status raised unless in `allow`; a 429 is
+        waited out up to BUSY_RETRIES times; `body()` gives each try's keyword arguments
+        afresh; a server that cannot be reached, or is lost half-way, is a ServerError."""
+        for attempt in range(BUSY_RETRIES + 1):
+            try:
+                with self.http.stream(method, path, **kwargs, **(body() if body else {})) as r:
+                    if r.status_code == 429 and attempt < BUSY_RETRIES:
+                        wait = r.headers.get("retry-after", "1")
+                        time.sleep(float(wait) if wait.replace(".", "", 1).isdigit() else 1)
+                        continue
+                    yield r if r.status_code in allow else self._check(r)
+                    return
+            except httpx.TransportError as err:
+                raise ServerError(f"cannot reach the server at {self.url}: {err}") from err
 
     @staticmethod
     def _check(response: httpx.Response) -> httpx.Response:
@@ -43,15 +70,32 @@ class Client:
         return response
 
     def upload(self, path: str | Path) -> dict:
+        """A video file, or a folder of frames (sent as a zip); not sent again when the
+        server holds it already (its id is the SHA-256 of the bytes it was sent)."""
         path = Path(path)
-        with open(path, "rb") as f:
-            return self._check(self.http.post("/v1/videos", files={"file": (path.name, f)})).json()
+        if not path.exists():
+            raise InputError(f"no such video or frame folder: {path}")
+        with _as_file(path) as (file, name):
+            digest = hashlib.sha256()
+            with open(file, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+            with self._request("GET", f"/v1/videos/{digest.hexdigest()[:16]}",
+                               allow=(404,)) as known:
+                if known.status_code == 200:
+                    return json.loads(known.read())
+            with open(file, "rb") as f:
+                def body():
+                    f.seek(0)
+                    return {"files": {"file": (name, f)}}
+
+                with self._request("POST", "/v1/videos", body) as response:
+                    return json.loads(response.read())
 
     def segment(self, video_id: str, expressions: list[str]) -> Iterator[dict]:
         """Frame records as the server streams them, then {"summary": ...}."""
-        with self.http.stream("POST", f"/v1/videos/{video_id}/segment",
-                              json={"expressions": expressions}) as response:
-            self._check(response)
+        with self._request("POST", f"/v1/videos/{video_id}/segment",
+                           json={"expressions": expressions}) as response:
             for line in response.iter_lines():
                 if not line.strip():
                     continue
@@ -62,6 +106,24 @@ class Client:
 
     def close(self) -> None:
         self.http.close()
+
+
+@contextlib.contextmanager
+def _as_file(path: Path):
+    """(file, name) to upload: a video file as it is; a frame folder's images as a zip
+    (stored: frames are compressed already; fixed dates: the same frames, the same id)."""
+    if not path.is_dir():
+        yield path, path.name
+        return
+    frames = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not frames:
+        raise InputError(f"no frames in folder {path} (looked for {sorted(IMAGE_SUFFIXES)})")
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = Path(tmp) / f"{path.name}.zip"
+        with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as z:
+            for frame in frames:
+                z.writestr(zipfile.ZipInfo(frame.name), frame.read_bytes())
+        yield archive, archive.name
 
 
 def decode_record(record: dict) -> FrameMasks:

@@ -21,7 +21,7 @@ import uvicorn
 from conftest import truncated_avi
 from PIL import Image
 
-from runtime.client import Client, decode_record, segment_to
+from runtime.client import Client, ServerError, decode_record, segment_to
 from runtime.pipeline import Runtime
 from runtime.serve import Segmenter, ServeConfig, create_app
 from runtime.store import Limits
@@ -322,40 +322,73 @@ def test_uploads_beyond_the_limits_are_refused_before_anything_is_decoded(runtim
         assert ok.status_code == 200 and ok.json()["frames"] == 20
 
 
+def _stall_an_upload(url: str) -> socket.socket:
+    """A client that starts an upload and sends no more (the caller closes it)."""
+    host, port = url.removeprefix("http://").split(":")
+    stalled = socket.create_connection((host, int(port)))
+    stalled.sendall(b"POST /v1/videos HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n"
+                    b"Content-Type: multipart/form-data; boundary=B\r\n\r\n--B\r\n"
+                    b'Content-Disposition: form-data; name="file"; filename="a.mp4"'
+                    b"\r\n\r\n" + bytes(1000))
+    return stalled
+
+
+def _wait_for_uploads(url: str, count: float) -> None:
+    deadline = time.time() + 30
+    while True:
+        text = httpx.get(f"{url}/metrics").text
+        if float(text.split("\nvirst_uploads_in_progress ")[1].split()[0]) == count:
+            return
+        assert time.time() < deadline, f"uploads in progress never reached {count}"
+        time.sleep(0.05)
+
+
 def test_uploads_beyond_max_uploads_answer_429_and_a_dropped_one_frees_its_place(
         runtime, videos, tmp_path):
     """An upload holds disk and a decoding thread: at most `max_uploads` at once. A client
     that stalls mid-upload holds its place until it goes away, then frees it."""
     root, _ = videos
     with serving(runtime, ServeConfig(store=tmp_path / "store", max_uploads=1)) as url:
-        host, port = url.removeprefix("http://").split(":")
-
-        def uploads_in_progress() -> float:
-            text = httpx.get(f"{url}/metrics").text
-            return float(text.split("\nvirst_uploads_in_progress ")[1].split()[0])
-
-        def wait_for(count: float) -> None:
-            deadline = time.time() + 30
-            while uploads_in_progress() != count:
-                assert time.time() < deadline, f"uploads in progress never reached {count}"
-                time.sleep(0.05)
-
-        stalled = socket.create_connection((host, int(port)))
-        stalled.sendall(b"POST /v1/videos HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n"
-                        b"Content-Type: multipart/form-data; boundary=B\r\n\r\n--B\r\n"
-                        b'Content-Disposition: form-data; name="file"; filename="a.mp4"'
-                        b"\r\n\r\n" + bytes(1000))
-        wait_for(1)
+        stalled = _stall_an_upload(url)
+        _wait_for_uploads(url, 1)
         data = (root / "clip.mp4").read_bytes()
         busy = httpx.post(f"{url}/v1/videos", files={"file": ("c.mp4", data)}, timeout=60)
         assert busy.status_code == 429 and busy.headers["retry-after"] == "5"
         assert "1 uploads are in progress" in busy.json()["error"]
         stalled.close()
-        wait_for(0)
+        _wait_for_uploads(url, 0)
         ok = httpx.post(f"{url}/v1/videos", files={"file": ("c.mp4", data)}, timeout=60)
         assert ok.status_code == 200 and ok.json()["frames"] > 0
         assert 'virst_errors_total{kind="uploads_full"} 1.0' in httpx.get(f"{url}/metrics").text
     assert [p.name for p in (tmp_path / "store" / ".incoming").iterdir()] == []
+
+
+def test_the_client_uploads_frame_folders_once_waits_out_429_and_names_a_lost_server(
+        runtime, videos, tmp_path):
+    """Before: a frame folder was an IsADirectoryError traceback, a busy server (429) an
+    error, an unreachable one an httpx traceback, and every call sent the whole video."""
+    root, texts = videos
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for t, frame in open_video(root / "clip.mp4").frames():
+        Image.fromarray(frame).save(folder / f"{t:05d}.png")
+    with serving(runtime, ServeConfig(store=tmp_path / "store", max_uploads=1)) as url:
+        client, sent = Client(url), []
+        client.http.event_hooks["request"] = [lambda r: sent.append(r.method)]
+        info = client.upload(folder)
+        assert info["frames"] == len(list(folder.iterdir())) and sent == ["GET", "POST"]
+        assert client.upload(folder) == info and sent == ["GET", "POST", "GET"]  # known
+        stalled = _stall_an_upload(url)
+        _wait_for_uploads(url, 1)
+        threading.Timer(1.0, stalled.close).start()  # the slot frees while the client waits
+        again = client.upload(root / "clip.mp4")
+        assert again["frames"] == info["frames"] and sent[3:] == ["GET", "POST", "POST"]
+        summary = segment_to(url, folder, texts[:1], folder=tmp_path / "masks")
+        assert summary["frames"] == info["frames"]
+        assert sorted(p.stem for p in (tmp_path / "masks").glob("*.png")) == sorted(
+            p.stem for p in folder.iterdir())
+    with pytest.raises(ServerError, match=f"cannot reach the server at {url}"):
+        Client(url).upload(root / "clip.mp4")
 
 
 def test_a_blocked_log_sink_does_not_block_the_server_thread():
