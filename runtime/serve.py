@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import collections
 import hmac
 import json
 import logging
@@ -72,6 +73,7 @@ class ServeConfig:
     media_root: Path | None = None
     max_upload_mb: float = 512
     max_uploads: int = 4  # uploads received or validated at once; beyond, 429
+    max_store_gb: float | None = None  # beyond, the least recently used videos are deleted
     limits: Limits = Limits()  # frames, frame size, an archive's uncompressed size
     max_queue: int = 8
     deadline_s: float = 600
@@ -89,7 +91,9 @@ class ServeConfig:
                 ("--max-expressions", self.max_expressions, 1),
                 ("--sessions", self.sessions, 1), ("--max-frames", self.limits.frames, 1),
                 ("--max-megapixels", self.limits.megapixels, None),
-                ("--max-extracted-mb", self.limits.extracted_mb, None)):
+                ("--max-extracted-mb", self.limits.extracted_mb, None),
+                ("--max-store-gb", 1 if self.max_store_gb is None else self.max_store_gb,
+                 None)):
             if not (value > 0 if least is None else value >= least):
                 must = "positive" if least is None else f"at least {least}"
                 raise InputError(f"{flag} must be {must}, not {value}")
@@ -120,6 +124,8 @@ class Metrics:
         self.fps = Histogram("virst_frames_per_second", "frames per second of a request",
                              registry=r, buckets=(1, 5, 10, 20, 50, 100, 200, 500))
         self.frames = Counter("virst_frames", "frames segmented", registry=r)
+        self.evicted = Counter("virst_videos_evicted", "videos deleted to keep the store "
+                               "within --max-store-gb", registry=r)
         self.cache_hits = Counter("virst_cache_hits", "requests served from cached video "
                                                       "features", registry=r)
         self.errors = Counter("virst_errors", "errors by kind", ["kind"], registry=r)
@@ -267,6 +273,7 @@ class Server:
         self.metrics = Metrics()
         self.waiting = 0
         self.uploading = 0
+        self.in_use: collections.Counter = collections.Counter()  # video id -> requests
         self.slots = asyncio.Semaphore(worker.concurrency)
         self.ready = False
 
@@ -324,6 +331,22 @@ class Server:
                 self.metrics.queue.set(self.waiting)
             if not finished:
                 self.metrics.errors.labels("client_gone").inc()
+            self.in_use[record.id] -= 1
+            if self.in_use[record.id] <= 0:
+                del self.in_use[record.id]
+
+    async def evict(self, added: str) -> None:
+        """Keep the store within `max_store_gb`: the least recently used videos go, never
+        one a request waits for or runs on, nor the one just added."""
+        if self.cfg.max_store_gb is None:
+            return
+        keep = {added, *self.in_use}
+        evicted = await asyncio.get_running_loop().run_in_executor(
+            None, self.store.evict, int(self.cfg.max_store_gb * (1 << 30)), keep)
+        for video_id in evicted:
+            self.worker.forget(video_id)
+            self.metrics.evicted.inc()
+            log.info(json.dumps({"evicted": video_id}))
 
 
 def create_app(runtime, config: ServeConfig, warm: bool = True, worker=None) -> FastAPI:
@@ -444,6 +467,8 @@ def create_app(runtime, config: ServeConfig, warm: bool = True, worker=None) -> 
             server.uploading -= 1
             m.uploads.set(server.uploading)
         request.state.info["video"] = record.id
+        server.store.touch(record.id)
+        await server.evict(record.id)
         return record.public()
 
     @app.get("/v1/videos/{video_id}", dependencies=[Depends(authorize)])
@@ -467,6 +492,7 @@ def create_app(runtime, config: ServeConfig, warm: bool = True, worker=None) -> 
             raise HTTPException(429, f"{server.waiting} requests are waiting; try again later",
                                 headers={"Retry-After": "5"})
         server.waiting += 1
+        server.in_use[video_id] += 1
         m.queue.set(server.waiting)
         lines = server.results(record, expressions, request.state.info)
         if stream:
@@ -489,6 +515,7 @@ def _record(server: Server, video_id: str):
     record = server.store.get(video_id)
     if record is None:
         raise HTTPException(404, f"no video {video_id!r}; upload it with POST /v1/videos")
+    server.store.touch(video_id)
     return record
 
 

@@ -14,12 +14,14 @@ the uploaded file and its members, never the server's own paths.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import tarfile
 import tempfile
+import time
 import zipfile
 import zlib
 from collections.abc import Iterator
@@ -223,5 +225,31 @@ class VideoStore:
     def delete(self, video_id: str) -> bool:
         if self.get(video_id) is None:
             return False
-        shutil.rmtree(self.root / video_id)
+        shutil.rmtree(self.root / video_id, ignore_errors=True)
         return True
+
+    def touch(self, video_id: str) -> None:
+        """Mark a video used now (eviction takes the least recently used first): its
+        meta.json's mtime, set from the nanosecond clock (the filesystem's own time is
+        coarse: two uses a millisecond apart got one mtime)."""
+        now = time.time_ns()
+        with contextlib.suppress(OSError):
+            os.utime(self.root / video_id / "meta.json", ns=(now, now))
+
+    def evict(self, max_bytes: int, keep: set[str]) -> list[str]:
+        """Delete the least recently used videos, never those in `keep` (in use), until
+        the store holds at most `max_bytes`; the ids deleted."""
+        videos = []
+        for folder in self.root.iterdir():
+            meta = folder / "meta.json"
+            if not folder.name.startswith(".") and meta.is_file():
+                size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+                videos.append((meta.stat().st_mtime_ns, folder.name, size))
+        total, evicted = sum(size for _, _, size in videos), []
+        for _, video_id, size in sorted(videos):
+            if total <= max_bytes:
+                break
+            if video_id not in keep and self.delete(video_id):
+                total -= size
+                evicted.append(video_id)
+        return evicted

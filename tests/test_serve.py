@@ -3,6 +3,7 @@ masks equal `virst segment`'s, bad inputs get their status and leave the server 
 a full queue answers 429 without losing accepted work, a client that leaves frees its
 slot, keys are checked, uploads outlive the server. Traffic is bounded and local only."""
 
+import asyncio
 import contextlib
 import io
 import json
@@ -13,6 +14,7 @@ import tarfile
 import threading
 import time
 import zipfile
+from types import SimpleNamespace
 
 import httpx
 import numpy as np
@@ -23,7 +25,7 @@ from PIL import Image
 
 from runtime.client import Client, ServerError, decode_record, segment_to
 from runtime.pipeline import Runtime
-from runtime.serve import Segmenter, ServeConfig, create_app
+from runtime.serve import Segmenter, ServeConfig, Server, create_app
 from runtime.store import Limits
 from runtime.video import open_video
 from virst.media import read_mask, write_video
@@ -208,6 +210,43 @@ def test_pass_1_stops_at_the_deadline_or_when_nobody_waits(runtime, videos):
                               f"frames, before the first mask", "status": 504}]
     whole = list(segmenter.segment("v", source, texts[:1]))  # the session starts anew
     assert whole[-1]["summary"]["frames"] == length and not whole[-1]["summary"]["cached"]
+
+
+def test_the_store_keeps_within_max_store_gb_evicting_the_least_recently_used(
+        runtime, videos, tmp_path):
+    """Over `max_store_gb` the least recently used videos go (a GET or a request counts as
+    a use), never one a request waits for or runs on; before, the store grew until the
+    disk was full."""
+    root, texts = videos
+    clips = []
+    for seed in range(4):
+        frames = np.random.default_rng(seed).integers(0, 255, (6, 40, 56, 3), dtype=np.uint8)
+        write_video(frames, tmp_path / f"{seed}.mp4", lossless=True)
+        clips.append(tmp_path / f"{seed}.mp4")
+    limit = 2.5 * clips[0].stat().st_size  # two of them fit
+    config = ServeConfig(store=tmp_path / "store", max_store_gb=limit / (1 << 30))
+    with serving(runtime, config) as url:
+        client = Client(url)
+        a, b = (client.upload(clip)["id"] for clip in clips[:2])
+        assert "summary" in list(client.segment(a, texts[:1]))[-1]  # a used after b
+        c = client.upload(clips[2])["id"]
+        assert [client.http.get(f"/v1/videos/{v}").status_code for v in (a, b, c)] == [
+            200, 404, 200]
+        client.http.get(f"/v1/videos/{a}")  # a used after c
+        d = client.upload(clips[3])["id"]
+        assert [client.http.get(f"/v1/videos/{v}").status_code for v in (a, c, d)] == [
+            200, 404, 200]
+        assert "virst_videos_evicted_total 2.0" in client.http.get("/metrics").text
+
+    # a request on a video (waiting or running) keeps it, least recently used or not
+    server = Server(SimpleNamespace(concurrency=1, forget=lambda video_id: None), config)
+    server.store.touch(d)  # a is the least recently used now, and in use
+    server.in_use[a] += 1
+    spooled = server.store.spool()
+    spooled.write_bytes(clips[1].read_bytes())
+    b = server.store.add_upload(spooled, "b.mp4").id  # three do not fit
+    asyncio.run(server.evict(b))
+    assert server.store.get(a) and server.store.get(b) and not server.store.get(d)
 
 
 def test_api_keys_are_required_and_uploads_survive_a_restart(runtime, videos, tmp_path):

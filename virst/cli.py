@@ -72,6 +72,7 @@ def cmd_serve(args) -> None:
              "extracted_mb": args.max_extracted_mb}
     limits = Limits(**{k: v for k, v in given.items() if v is not None})  # else the defaults
     config = ServeConfig(max_upload_mb=args.max_upload_mb, max_uploads=args.max_uploads,
+                         max_store_gb=args.max_store_gb,
                          limits=limits, max_queue=args.max_queue,
                          deadline_s=args.deadline_s, sessions=args.sessions,
                          api_keys=read_api_keys(args.api_keys) if args.api_keys else [])
@@ -352,6 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--media-root", help="folder whose files may be segmented by path")
     p.add_argument("--max-upload-mb", type=float, default=512)
     p.add_argument("--max-uploads", type=int, default=4, help="uploads at once before 429")
+    p.add_argument("--max-store-gb", type=float,
+                   help="least recently used videos deleted beyond this (default: no limit)")
     p.add_argument("--max-frames", type=int, help="frames a video (default 100000)")
     p.add_argument("--max-megapixels", type=float, help="pixels a frame (default 36)")
     p.add_argument("--max-extracted-mb", type=float,
