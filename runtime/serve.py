@@ -341,8 +341,12 @@ class Server:
         if self.cfg.max_store_gb is None:
             return
         keep = {added, *self.in_use}
-        evicted = await asyncio.get_running_loop().run_in_executor(
-            None, self.store.evict, int(self.cfg.max_store_gb * (1 << 30)), keep)
+        try:
+            evicted = await asyncio.get_running_loop().run_in_executor(
+                None, self.store.evict, int(self.cfg.max_store_gb * (1 << 30)), keep)
+        except OSError:  # the upload itself succeeded: its answer stands
+            log.exception("evicting videos from the store failed")
+            return
         for video_id in evicted:
             self.worker.forget(video_id)
             self.metrics.evicted.inc()

@@ -25,7 +25,6 @@ import time
 import zipfile
 import zlib
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -95,7 +94,7 @@ def validate(source: Path, limits: Limits) -> tuple[int, int, int]:
     return video.length, video.width, video.height
 
 
-@contextmanager
+@contextlib.contextmanager
 def _members(archive: Path) -> Iterator[Iterator]:
     """(name, declared size, open: None unless a file) of each entry of a zip or tar
     archive, as it is listed: a zip from its directory, a tar header by header (a

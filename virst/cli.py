@@ -53,6 +53,7 @@ def cmd_segment(args) -> None:
               leave=False) as bar:
         session.on_sampled = bar.update
         session.video_tokens()
+        session.on_sampled = None
     with writer, tqdm(total=session.length, desc="segment", unit="frame") as bar:
         for frame in session.segment(expressions, keep_frames=writer.wants_frames):
             writer.write(frame)
