@@ -8,6 +8,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -18,6 +20,7 @@ from virst.config import VirstConfig
 from virst.errors import CheckpointError
 
 CACHE = Path(os.environ.get("VIRST_CACHE", Path.home() / ".cache" / "virst"))
+KEEP_VERSIONS = 2  # cached artifact folders kept per model and precision: code versions
 
 
 class Artifacts:
@@ -95,8 +98,28 @@ def ensure_artifacts(model_dir: str | Path, precision: str = "fp32",
     try:
         artifacts = Artifacts(folder, precision, model_dir)
         if "tensorrt" in artifacts.manifest:  # written last: an interrupted build lacks it
+            _used(folder)
             return artifacts
     except CheckpointError:
         pass
     build(precision, folder, str(model_dir), tensorrt=False, progress=False)  # resumes
+    _used(folder)
     return Artifacts(folder, precision, model_dir)
+
+
+def _used(folder: Path) -> None:
+    """Mark a cached folder used now, and delete the folders of other code versions of the
+    same model and precision beyond the KEEP_VERSIONS most recently used: every change of
+    the code makes a new one (26 MB for the embedded model, gigabytes for the full one), and
+    they piled up."""
+    now = time.time_ns()
+    os.utime(folder, ns=(now, now))
+    parts = folder.name.split("-")
+    if len(parts) != 4:
+        return
+    weights, config, _, precision = parts
+    versions = sorted((p for p in folder.parent.glob(f"{weights}-{config}-*-{precision}")
+                       if p.is_dir()), key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    for old in versions[KEEP_VERSIONS:]:
+        if old != folder:
+            shutil.rmtree(old, ignore_errors=True)

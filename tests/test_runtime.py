@@ -5,6 +5,7 @@ artifacts refused for another model or precision, and bad videos stopped with a 
 error and no output."""
 
 import json
+import os
 import shutil
 import threading
 import time
@@ -386,6 +387,25 @@ def test_an_interrupted_cached_build_is_resumed_not_used(tiny_dir, fp32, tmp_pat
     arts = ensure_artifacts(tiny_dir, "fp32", cache=tmp_path)
     assert arts.constants() and arts.llm_folder.is_dir()
     assert {f: f.stat().st_mtime_ns for f in folder.glob("*.onnx")} == onnx_before
+
+
+def test_the_cache_keeps_two_code_versions_of_a_models_artifacts(tiny_dir, fp32, tmp_path):
+    """Every change of the code gets new cached artifacts; the folders of older versions of
+    the same model and precision beyond the two most recently used are deleted (they piled
+    up: 26 MB each for the embedded model, gigabytes for the full one), others kept."""
+    from runtime.artifacts import cache_key, ensure_artifacts
+
+    weights, config, code = cache_key(tiny_dir).split("-")
+    root = tmp_path / "artifacts"
+    shutil.copytree(fp32[0], root / f"{weights}-{config}-{code}-fp32")
+    names = [f"{weights}-{config}-old{i}-fp32" for i in range(3)]  # oldest first
+    names += [f"{weights}-{config}-old0-bf16", f"other-{config}-old0-fp32"]
+    for i, name in enumerate(names):
+        (root / name).mkdir()
+        os.utime(root / name, ns=(i * 10**9, i * 10**9))
+    ensure_artifacts(tiny_dir, "fp32", cache=tmp_path)
+    assert sorted(p.name for p in root.iterdir()) == sorted(
+        [f"{weights}-{config}-{code}-fp32", *names[2:]])
 
 
 def test_the_exported_lm_loads_whole_and_quietly(tiny_dir, fp32, tmp_path, capfd):
