@@ -78,6 +78,7 @@ class ServeConfig:
     max_queue: int = 8
     deadline_s: float = 600
     max_expressions: int = 8
+    max_unstreamed: int = 20_000  # frames x expressions of one ?stream=false answer
     sessions: int = 4  # videos whose features stay cached
     api_keys: list[str] = field(default_factory=list)
 
@@ -89,6 +90,7 @@ class ServeConfig:
                 ("--max-uploads", self.max_uploads, 1), ("--max-queue", self.max_queue, 0),
                 ("--deadline-s", self.deadline_s, None),
                 ("--max-expressions", self.max_expressions, 1),
+                ("--max-unstreamed", self.max_unstreamed, 1),
                 ("--sessions", self.sessions, 1), ("--max-frames", self.limits.frames, 1),
                 ("--max-megapixels", self.limits.megapixels, None),
                 ("--max-extracted-mb", self.limits.extracted_mb, None),
@@ -491,6 +493,11 @@ def create_app(runtime, config: ServeConfig, warm: bool = True, worker=None) -> 
         record = _record(server, video_id)
         expressions = server.check_expressions(await _json(request))
         request.state.info.update(video=video_id, expressions=len(expressions))
+        if not stream and record.frames * len(expressions) > config.max_unstreamed:
+            raise HTTPException(422, f"{record.frames} frames x {len(expressions)} "
+                                     f"expression(s) is too much for one ?stream=false answer "
+                                     f"(at most {config.max_unstreamed}, held whole in "
+                                     f"memory); ask for the stream (the default)")
         if server.waiting >= config.max_queue:
             m.errors.labels("queue_full").inc()
             raise HTTPException(429, f"{server.waiting} requests are waiting; try again later",

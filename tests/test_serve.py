@@ -105,7 +105,8 @@ def test_streamed_masks_equal_virst_segment(runtime, videos, tmp_path, caplog):
 
 def test_bad_inputs_get_their_status_and_the_server_keeps_working(runtime, videos, tmp_path):
     root, texts = videos
-    config = ServeConfig(store=tmp_path / "store", media_root=root, max_upload_mb=0.5)
+    config = ServeConfig(store=tmp_path / "store", media_root=root, max_upload_mb=0.5,
+                         max_unstreamed=100)
     with serving(runtime, config) as url:
         http = httpx.Client(base_url=url, timeout=120)
 
@@ -126,6 +127,8 @@ def test_bad_inputs_get_their_status_and_the_server_keeps_working(runtime, video
             (http.post(f"/v1/videos/{vid}/segment", json={"expressions": ["red " * 5000]}),
              422, "too long"),
             (http.post(f"/v1/videos/{vid}/segment", json={"expressions": []}), 422, "list"),
+            (http.post(f"/v1/videos/{vid}/segment?stream=false",
+                       json={"expressions": texts[:1] * 5}), 422, "ask for the stream"),
             (http.post(f"/v1/videos/{vid}/segment", content=b"{nope"), 422, "not JSON"),
             (http.post("/v1/videos/0123456789abcdef/segment", json={"expressions": ["x"]}),
              404, "no video"),

@@ -75,6 +75,7 @@ def cmd_serve(args) -> None:
     config = ServeConfig(max_upload_mb=args.max_upload_mb, max_uploads=args.max_uploads,
                          max_store_gb=args.max_store_gb,
                          limits=limits, max_queue=args.max_queue,
+                         max_unstreamed=args.max_unstreamed,
                          deadline_s=args.deadline_s, sessions=args.sessions,
                          api_keys=read_api_keys(args.api_keys) if args.api_keys else [])
     if args.store:
@@ -361,6 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-extracted-mb", type=float,
                    help="a frame archive's files, uncompressed (default 2048)")
     p.add_argument("--max-queue", type=int, default=8, help="waiting requests before 429")
+    p.add_argument("--max-unstreamed", type=int, default=20_000,
+                   help="frames x expressions of one ?stream=false answer")
     p.add_argument("--deadline-s", type=float, default=600, help="per-request deadline")
     p.add_argument("--sessions", type=int, default=4, help="videos whose features stay cached")
     p.add_argument("--api-keys", help="file of bearer tokens, one per line (default: no auth)")
