@@ -33,6 +33,8 @@ from runtime.video import open_video
 from virst.errors import VideoError
 from virst.media import IMAGE_SUFFIXES
 
+STALE_UPLOAD_S = 24 * 3600
+
 
 class NotAVideo(VideoError):
     """Neither a video container nor an archive of frames."""
@@ -154,6 +156,19 @@ class VideoStore:
         self.root.mkdir(parents=True, exist_ok=True)
         self.tmp = self.root / ".incoming"
         self.tmp.mkdir(exist_ok=True)
+        self._sweep()
+
+    def _sweep(self) -> None:
+        """Delete what uploads cut off by a crash left in `.incoming` (a day old: a live
+        upload of another server on this store is never that old)."""
+        for left in self.tmp.iterdir():
+            with contextlib.suppress(OSError):
+                if time.time() - left.stat().st_mtime <= STALE_UPLOAD_S:
+                    continue
+                if left.is_dir():
+                    shutil.rmtree(left)
+                else:
+                    left.unlink()
 
     def spool(self) -> Path:
         """A fresh temporary file for an upload in progress (same filesystem as the store)."""

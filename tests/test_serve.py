@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import io
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -267,7 +268,13 @@ def test_api_keys_are_required_and_uploads_survive_a_restart(runtime, videos, tm
         assert probe.status_code == 200  # probes need no key
         assert len(probe.headers["x-request-id"]) == 12
         vid = Client(url, "secret-two").upload(root / "clip.mp4")["id"]
+    incoming = tmp_path / "store" / ".incoming"
+    stale, fresh = incoming / "old", incoming / "new"
+    stale.mkdir()
+    fresh.write_bytes(b"an upload in progress")
+    os.utime(stale, (time.time() - 2 * 86400,) * 2)  # left by a crash two days ago
     with serving(runtime, config) as url:  # a new server on the same store
+        assert not stale.exists() and fresh.exists()
         client = Client(url, "secret-one")
         info = client.http.get(f"/v1/videos/{vid}").json()
         assert info["id"] == vid and info["frames"] > 0
