@@ -30,6 +30,7 @@ from virst.files import public_mode
 from virst.media import VideoEncoder, write_mask_png
 
 WRITE_AHEAD = 16  # frames queued for the writer thread, at most
+OVERLAY_SUFFIXES = {".mp4", ".m4v"}  # the overlay is written as an MP4 file (virst/media.py)
 _END = object()
 
 COLORS = [(255, 40, 40), (40, 200, 255), (60, 220, 60), (255, 200, 0), (220, 80, 255)]
@@ -119,6 +120,12 @@ class MaskWriter:
                 if path.is_dir():
                     raise InputError(f"{path} is a folder; give a file name")
                 _writable_dir(path.parent, "folder of")
+        if self.overlay_path and self.overlay_path.suffix.lower() not in OVERLAY_SUFFIXES:
+            # the file is H.264 in MP4 whatever its name: "overlay.gif" was an MP4 no viewer
+            # of GIFs opens
+            raise InputError(f"--overlay writes an H.264 MP4 video: give it a "
+                             f"{' or '.join(sorted(OVERLAY_SUFFIXES))} name, not "
+                             f"{self.overlay_path.name}")
 
     # ---------------------------------------------------------------- writing
     def open(self) -> MaskWriter:

@@ -51,6 +51,8 @@ def test_outputs_are_checked_before_any_work(clip, tmp_path):
                          ("/sys/virst-test/masks", "is not writable")]:
         res = run("segment", missing, "the red circle", "-o", str(out))
         assert res.returncode == 2 and message in res.stderr, res.stderr
+    res = run("segment", missing, "the red circle", "--overlay", str(tmp_path / "o.gif"))
+    assert res.returncode == 2 and "give it a .m4v or .mp4 name, not o.gif" in res.stderr
     res = run("segment", missing, "  ", "-o", str(tmp_path / "o"))  # before the video
     assert res.returncode == 2 and "the expression is empty" in res.stderr
     full = tmp_path / "full"
