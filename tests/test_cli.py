@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -76,6 +77,12 @@ def test_serve_settings_that_would_turn_every_request_away_are_refused_by_name()
         res = run("serve", "--port", "0", flag, value)
         assert res.returncode == 2 and f"{flag} {message}" in res.stderr, (flag, res.stderr)
         assert "Traceback" not in res.stderr
+    with socket.socket() as taken:  # a port in use: refused before the model loads
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        res = run("serve", "--port", port, "--model", "/no/such/model")  # the port first
+        assert res.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in res.stderr
 
 
 def test_devices_and_options_are_named(clip, tmp_path):

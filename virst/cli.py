@@ -64,6 +64,24 @@ def cmd_segment(args) -> None:
           f"{runtime.describe()}; written to {where}")
 
 
+def _check_port(host: str, port: int) -> None:
+    """Refuse a port another process listens on now, rather than after loading the model
+    (uvicorn found it taken 5 s later with the embedded model)."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as err:
+        raise InputError(f"--host {host}: {err}") from err
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(address)
+        except OSError as err:
+            raise InputError(f"cannot listen on {host}:{port}: {err.strerror}") from err
+
+
 def cmd_serve(args) -> None:
     """The runtime behind HTTP (runtime/serve.py); `--ray` deploys it on Ray Serve."""
     from runtime.serve import ServeConfig, log_off_the_event_loop, read_api_keys
@@ -98,6 +116,7 @@ def cmd_serve(args) -> None:
     from runtime.pipeline import Runtime
     from runtime.serve import create_app
 
+    _check_port(args.host, args.port)  # before the model loads (minutes for the full one)
     app = create_app(Runtime(**runtime_args), config)
     # keep-alive longer than the client's pools: a connection the server drops just as a
     # client reuses it fails a POST that nothing retries
