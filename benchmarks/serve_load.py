@@ -92,6 +92,9 @@ class Sampler(threading.Thread):
             self.stop.wait(0.5)
 
 
+UPLOAD_RETRIES = 6  # tries of an upload the server answers 429 (at most --max-uploads at once)
+
+
 def start_server(args, store: Path, max_queue: int, ray_address: str | None):
     port = free_port()
     cmd = [sys.executable, "-m", "virst.cli", "serve", "--port", str(port), "--store",
@@ -148,8 +151,12 @@ async def load(url: str, videos, requests: int, concurrency: int, seed: int = 0)
                 path, texts = videos[index]
                 vid = uploaded.get(index)
                 if vid is None:
-                    with open(path, "rb") as f:
-                        r = await http.post("/v1/videos", files={"file": (path.name, f.read())})
+                    data = path.read_bytes()
+                    for _ in range(UPLOAD_RETRIES):  # as runtime.client does: wait out a 429
+                        r = await http.post("/v1/videos", files={"file": (path.name, data)})
+                        if r.status_code != 429:
+                            break
+                        await asyncio.sleep(float(r.headers.get("retry-after", "1")))
                     if r.status_code != 200:
                         statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
                         return
