@@ -11,7 +11,6 @@ folder (or RLE file) `virst segment` writes.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import tempfile
 import time
@@ -23,6 +22,7 @@ import httpx
 import numpy as np
 from pycocotools import mask as coco_mask
 
+from runtime.store import content_id
 from runtime.writer import FrameMasks, MaskWriter
 from virst.errors import InputError, VirstError
 from virst.media import IMAGE_SUFFIXES
@@ -50,8 +50,7 @@ class Client:
             try:
                 with self.http.stream(method, path, **kwargs, **(body() if body else {})) as r:
                     if r.status_code == 429 and attempt < BUSY_RETRIES:
-                        wait = r.headers.get("retry-after", "1")
-                        time.sleep(float(wait) if wait.replace(".", "", 1).isdigit() else 1)
+                        time.sleep(_seconds(r.headers.get("retry-after")))
                         continue
                     yield r if r.status_code in allow else self._check(r)
                     return
@@ -76,11 +75,7 @@ class Client:
         if not path.exists():
             raise InputError(f"no such video or frame folder: {path}")
         with _as_file(path) as (file, name):
-            digest = hashlib.sha256()
-            with open(file, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(block)
-            with self._request("GET", f"/v1/videos/{digest.hexdigest()[:16]}",
+            with self._request("GET", f"/v1/videos/{content_id(file)}",
                                allow=(404,)) as known:
                 if known.status_code == 200:
                     return json.loads(known.read())
@@ -106,6 +101,14 @@ class Client:
 
     def close(self) -> None:
         self.http.close()
+
+
+def _seconds(retry_after: str | None) -> float:
+    """A Retry-After in seconds (1 when absent or given as a date)."""
+    try:
+        return max(0.0, float(retry_after))
+    except (TypeError, ValueError):
+        return 1.0
 
 
 @contextlib.contextmanager

@@ -84,7 +84,7 @@ class ServeConfig:
 
     def __post_init__(self):
         """A setting that would turn every request away is refused, naming its flag
-        (None: must be positive)."""
+        (`least` None: must be positive; a setting of None is off)."""
         for flag, value, least in (
                 ("--max-upload-mb", self.max_upload_mb, None),
                 ("--max-uploads", self.max_uploads, 1), ("--max-queue", self.max_queue, 0),
@@ -94,9 +94,8 @@ class ServeConfig:
                 ("--sessions", self.sessions, 1), ("--max-frames", self.limits.frames, 1),
                 ("--max-megapixels", self.limits.megapixels, None),
                 ("--max-extracted-mb", self.limits.extracted_mb, None),
-                ("--max-store-gb", 1 if self.max_store_gb is None else self.max_store_gb,
-                 None)):
-            if not (value > 0 if least is None else value >= least):
+                ("--max-store-gb", self.max_store_gb, None)):
+            if value is not None and not (value > 0 if least is None else value >= least):
                 must = "positive" if least is None else f"at least {least}"
                 raise InputError(f"{flag} must be {must}, not {value}")
 

@@ -8,7 +8,7 @@ cut-short file is refused at upload, naming the frame, and never half-way throug
 segmentation. What can be checked before decoding is checked first, against `Limits`: the
 frame count and size the container or the first frame declares, and an archive's member
 count and uncompressed size as it is listed (a 2 MB zip of one 2 GB member once took the
-server's peak RSS to 5.1 GB: members were read whole into memory). Error messages name
+serving process's peak RSS to 5.1 GB: members were read whole into memory). Error messages name
 the uploaded file and its members, never the server's own paths.
 """
 
@@ -63,6 +63,11 @@ class Limits:
         if width * height > self.megapixels * 1e6:
             raise TooLarge(f"frames of {width}x{height}; this server takes at most "
                            f"{self.megapixels:g} megapixels a frame")
+
+
+def content_id(path: Path) -> str:
+    """A video file's id in the store: the first 16 hex digits of its bytes' SHA-256."""
+    return sha256_file(path)[:16]
 
 
 @dataclass
@@ -188,7 +193,7 @@ class VideoStore:
         """Validate an uploaded file (video or frame archive) and keep it; the spool file
         is consumed either way."""
         try:
-            video_id = sha256_file(spooled)[:16]
+            video_id = content_id(spooled)
             known = self.get(video_id)
             if known is not None:
                 return known
@@ -224,7 +229,7 @@ class VideoStore:
 
     def add_path(self, path: Path) -> VideoRecord:
         """A video already on the server (under the media root): validated, not copied."""
-        video_id = sha256_file(path)[:16] if path.is_file() else hashlib.sha256(
+        video_id = content_id(path) if path.is_file() else hashlib.sha256(
             str(path).encode()).hexdigest()[:16]
         known = self.get(video_id)
         if known is not None:

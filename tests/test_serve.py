@@ -338,7 +338,7 @@ def _tar_gz(members) -> bytes:
 def test_uploads_beyond_the_limits_are_refused_before_anything_is_decoded(runtime, tmp_path):
     """Frame count, frame size and an archive's uncompressed size are checked from what
     the container, the headers and the archive's listing declare. Before: a 64 MB zero
-    member in a 64 KB zip was read whole into the server's memory (2 GB in 2 MB: 5.1 GB
+    member in a 64 KB zip was read whole into the server's memory (2 GB in 2 MB: a 5.1 GB
     peak RSS); frames of another size were decoded first; messages named server paths."""
     frame = _png(64, 48)
     limits = Limits(frames=20, megapixels=0.5, extracted_mb=2)  # frame_bytes ~5 MB
