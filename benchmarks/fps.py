@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -231,19 +232,22 @@ class Worker:
         return final if final is not None else {"error": self.error}
 
 
-def measure(specs: list[dict], runs: int, logs: Path) -> list[dict]:
+def measure(specs: list[dict], runs: int, logs: Path) -> Iterator[dict]:
     """Every configuration's timed runs taken in turn (run 1 of each, then run 2 of each,
     ...), so that a CPU whose load drifts slows every configuration alike and the ratios
     stay side by side. Workers are warmed up one at a time. On a GPU one at a time (the
-    full model's weights, once per process, would crowd its memory)."""
+    full model's weights, once per process, would crowd its memory), each result yielded
+    as soon as it is measured (a run stopped early keeps the rows it has)."""
     if len(specs) > 1 and specs[0]["device"] != "cpu":
-        return [measure([spec], runs, logs)[0] for spec in specs]
+        for spec in specs:
+            yield from measure([spec], runs, logs)
+        return
     workers = [Worker(spec, logs / f"{Path(spec['video']).stem}-{spec['path']}-"
                       f"{spec['threads']}-{len(spec['expressions'])}.log") for spec in specs]
     for _ in range(runs):
         for w in workers:
             w.run()
-    return [w.result() for w in workers]
+    yield from (w.result() for w in workers)
 
 
 def expression_texts(k: int) -> list[str]:
@@ -320,8 +324,9 @@ def main(argv=None) -> int:
         video = tmp / f"{name}.mp4"
         write_clip(frames, video)
         counts = [1] + ([args.expressions] if args.expressions > 1 else [])
-        configs = [("reference", 1), ("reference", threads)] if threads > 1 else [
-            ("reference", 1)]
+        # a second reference row with every core only where torch's threads are the speed
+        configs = [("reference", 1)] + ([("reference", threads)]
+                                        if threads > 1 and args.device == "cpu" else [])
         configs += [(b, threads) for b in backends]
         # one and K expressions in one set, their runs in turn: "K cost x one" side by side
         specs = [{**base, "path": path, "threads": n, "video": str(video),
@@ -342,17 +347,23 @@ def main(argv=None) -> int:
                 ious = np.concatenate([iou_per_frame(ref[e], masks[e]) for e in range(k)])
                 row["iou_min"], row["iou_mean"] = float(ious.min()), float(ious.mean())
             rows.append(row)
+            save(args.json, rows, threads, args.device)
     if args.memory:
         rows += memory_rows(args, base, threads, backends, tmp)
     report(rows, threads)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"rows": rows, "paper_fps": PAPER_FPS,
-                                               "threads": threads, "machine": machine()},
-                                              indent=2) + "\n")
+    save(args.json, rows, threads, args.device)
     return 0
 
 
-def machine() -> dict:
+def save(path: str | None, rows: list[dict], threads: int, device: str) -> None:
+    """The rows measured so far (rewritten after each one)."""
+    if path:
+        Path(path).write_text(json.dumps({"rows": rows, "paper_fps": PAPER_FPS,
+                                          "threads": threads, "machine": machine(device)},
+                                         indent=2) + "\n")
+
+
+def machine(device: str = "cpu") -> dict:
     """Where and when the table was measured (a result file must say so itself)."""
     import os
     import platform
@@ -362,15 +373,22 @@ def machine() -> dict:
     changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
                              cwd=ROOT, capture_output=True, text=True).stdout.strip()
     commit += " with uncommitted changes" if commit and changed else ""
+    commit = commit or os.environ.get("VIRST_COMMIT", "")  # a copy without .git (a GPU lent)
     cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):
         names = [line.split(":", 1)[1].strip()
                  for line in Path("/proc/cpuinfo").read_text().splitlines()
                  if line.startswith("model name")]
         cpu = names[0] if names else cpu
-    return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "cpu": cpu, "cores": os.cpu_count(),
-            "python": platform.python_version(), "commit": commit or None}
+    out = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+           "cpu": cpu, "cores": os.cpu_count(),
+           "python": platform.python_version(), "commit": commit or None}
+    if device.startswith("cuda"):
+        import torch
+
+        out |= {"gpu": torch.cuda.get_device_name(torch.device(device)),
+                "torch": torch.__version__, "cuda": torch.version.cuda}
+    return out
 
 
 def memory_rows(args, base, threads, backends, tmp) -> list[dict]:
@@ -383,7 +401,7 @@ def memory_rows(args, base, threads, backends, tmp) -> list[dict]:
         spec = {**base, "path": backend, "threads": threads, "video": str(video),
                 "expressions": ["the white circle"], "masks_out": None}
         print(f"measuring memory: {n} frames 768x576, {backend} ...", file=sys.stderr)
-        res = measure([spec], 1, tmp)[0]
+        res = next(measure([spec], 1, tmp))
         rows.append({"clip": f"memory {n}f", "label": f"{n} frames 768x576", "size": [576, 768],
                      "expressions": 1, "path": backend, "threads": threads, **res})
     return rows

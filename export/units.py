@@ -20,7 +20,7 @@ from torch import nn
 
 from virst.model import VirstModel
 from virst.stf import rotate_pairs, stf_prompts
-from virst.tdau import decode_masks, no_prompt_tokens
+from virst.tdau import decode_masks, dense_pe, no_prompt_tokens
 
 # ------------------------------------------------------------------ export rewrites
 
@@ -92,7 +92,8 @@ class ImageEncoder(nn.Module):
 
     def forward(self, pixels):
         fpn = self.sam.forward_image(pixels)["backbone_fpn"]
-        return fpn[2], fpn[0], fpn[1]
+        # SAM2's FPN upsamples in fp32, so a bf16/fp16 model's level 2 comes out fp32
+        return fpn[2].to(pixels.dtype), fpn[0], fpn[1]
 
 
 class MaskDecoder(nn.Module):
@@ -111,12 +112,15 @@ class MaskDecoder(nn.Module):
         if not anchor:
             with torch.no_grad():
                 self.register_buffer("no_prompt", no_prompt_tokens(model.sam2))
+        # a bf16/fp16 model's grid encoding is made once in fp32 (not traceable per call)
+        low = model.sam2.no_mem_embed.dtype != torch.float32
+        self.register_buffer("image_pe", dense_pe(model.sam2) if low else None)
 
     def forward(self, features, high_res0, high_res1, prompt=None):
         if self.anchor:
             features = features + self.sam.no_mem_embed.reshape(1, -1, 1, 1)
         sparse = prompt if self.anchor else self.no_prompt.expand(features.shape[0], -1, -1)
-        head = decode_masks(self.sam, features, [high_res0, high_res1], sparse)
+        head = decode_masks(self.sam, features, [high_res0, high_res1], sparse, self.image_pe)
         return head.low_res, head.ious, head.obj_score, head.obj_ptr
 
 
@@ -155,7 +159,7 @@ class MemoryAttention(nn.Module):
     def forward(self, features, memory, memory_pos, pointers, pointer_pos,
                 memory_valid=None, pointer_valid=None):
         b, c, h, w = features.shape
-        x = features.flatten(2).transpose(1, 2) + 0.1 * self.curr_pos
+        x = features.flatten(2).transpose(1, 2) + 0.1 * self.curr_pos.to(features.dtype)
         mem = torch.cat([memory, pointers], dim=1)
         pos = torch.cat([memory_pos, pointer_pos], dim=1)
         mask = None
@@ -182,7 +186,7 @@ class MemoryEncoder(nn.Module):
     def forward(self, features, mask_logits, obj_score):
         size = self.sam.image_size
         high = F.interpolate(mask_logits, size=(size, size), mode="bilinear",
-                             align_corners=False)
+                             align_corners=False).to(features.dtype)  # fp32 masks
         flat = [features.flatten(2).permute(2, 0, 1)]
         maskmem, _ = self.sam._encode_new_memory(
             current_vision_feats=flat, feat_sizes=[tuple(features.shape[-2:])],

@@ -85,13 +85,13 @@ class FrameEncoder:
     """
 
     def __init__(self, steps, frames: np.ndarray, cfg: VirstConfig, device, keep=(),
-                 batch: int = 4):
+                 batch: int = 4, dtype: torch.dtype = torch.float32):
         self.steps, self.frames, self.cfg, self.batch = steps, frames, cfg, batch
-        self.keep, self.cache, self.device = set(keep), {}, device
+        self.keep, self.cache, self.device, self.dtype = set(keep), {}, device, dtype
 
     def _encode(self, idx: list[int]) -> None:
         pixels = to_model_input(self.frames[idx], self.cfg.sam_image_size, self.cfg.sam_resize,
-                                self.device)
+                                self.device, self.dtype)
         self.cache.update(zip(idx, self.steps.encode(pixels)))
 
     def many(self, idx) -> list[FrameFeatures]:
@@ -226,6 +226,11 @@ class VirstModel(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The weights' dtype (a bf16 or fp16 model reads its inputs in it)."""
+        return next(self.parameters()).dtype
+
     def prefill(self, prompts: Prompt | list[Prompt], video_tokens: torch.Tensor,
                 seg_features: torch.Tensor | None, full: bool = False
                 ) -> tuple[torch.Tensor, list[int] | list[list[int]]]:
@@ -259,7 +264,7 @@ class VirstModel(nn.Module):
         """The VLM + STF half: anchor video frame -> its (1, P, C) prompt tokens."""
         cfg = self.config
         pixels = to_model_input(video.frames[list(plan.vlm)], cfg.vlm_image_size,
-                                cfg.vlm_resize, self.device)
+                                cfg.vlm_resize, self.device, self.dtype)
         video_tokens = self.vlm.encode_video(pixels)
         seg_features = torch.cat([f.level2 for f in frames.many(plan.seg)])[None]
         hidden, positions = self.prefill(prompt, video_tokens, seg_features)
@@ -275,15 +280,29 @@ class VirstModel(nn.Module):
         `seed`: None for the deterministic frame choice, an int for the release's random one.
         This is the reference path (whole video in memory); `runtime/` is the fast one.
         """
+        with low_precision(self):
+            return self._segment(video, expression, return_logits, seed, progress)
+
+    def _segment(self, video, expression, return_logits, seed, progress) -> np.ndarray:
         if self.tokenizer is None:
             raise CheckpointError("this model has no tokenizer: load one with from_pretrained")
         video = load_video(video)
         prompt = build_prompt(self.tokenizer, expression, self.config.num_seg_tokens)
         plan = plan_frames(len(video), self.config, seed)
         sam2_steps = TorchSam2Steps(self.sam2, self.config.memory_bf16_storage)
-        frames = FrameEncoder(sam2_steps, video.frames, self.config, self.device, keep=plan.seg)
+        frames = FrameEncoder(sam2_steps, video.frames, self.config, self.device, keep=plan.seg,
+                              dtype=self.dtype)
         prompts = self.frame_prompts(video, plan, prompt, frames)
         return propagate_masks(sam2_steps, frames, prompts, video, return_logits, progress)
+
+
+def low_precision(model: nn.Module):
+    """Autocast to the weights' dtype when it is bf16/fp16 (a no-op for fp32), as SAM2 runs
+    in bf16: SAM2 keeps masks, position encodings and point projections in fp32, and autocast
+    gives each op the dtype SAM2 expects of it."""
+    dtype = next(model.parameters()).dtype
+    device = next(model.parameters()).device.type
+    return torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32)
 
 
 def propagate_masks(sam2_steps, frames: FrameEncoder, prompts: dict[int, torch.Tensor],
@@ -294,7 +313,7 @@ def propagate_masks(sam2_steps, frames: FrameEncoder, prompts: dict[int, torch.T
     for t, result in tqdm(steps, total=len(video), desc="segment", disable=not progress):
         logits = F.interpolate(result.low_res, size=video.size, mode="bilinear",
                                align_corners=False)[0, 0]
-        out[t] = (logits if return_logits else logits > 0).cpu().numpy()
+        out[t] = (logits.float() if return_logits else logits > 0).cpu().numpy()
     return out
 
 

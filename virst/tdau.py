@@ -8,6 +8,7 @@ can reuse it with fixed-size buffers; the tests prove that conditioning on a pla
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -131,6 +132,8 @@ class FrameFeatures:
 def encode_batch(sam: SAM2Base, pixels: torch.Tensor) -> FrameFeatures:
     """Run the image encoder (and the decoder's conv_s0/s1) on (B, 3, S, S) pixels."""
     _, vision, pos, sizes = sam._prepare_backbone_features(sam.forward_image(pixels))
+    # SAM2's FPN upsamples in fp32, so a bf16/fp16 model's level 2 comes out fp32
+    vision, pos = [v.to(pixels.dtype) for v in vision], [p.to(pixels.dtype) for p in pos]
     return FrameFeatures(vision, pos, sizes)
 
 
@@ -163,13 +166,29 @@ class HeadOutput:
     candidates: torch.Tensor  # the 3 raw candidates, before the no-object replacement
 
 
+def _fp32_prompt_encoder(sam: SAM2Base):
+    """SAM2's prompt encoder in fp32: its random-Fourier position encoding casts coordinates
+    to fp32 before the projection, so a bf16/fp16 model runs a (small) fp32 copy of it."""
+    encoder = sam.sam_prompt_encoder
+    return encoder if sam.no_mem_embed.dtype == torch.float32 else copy.deepcopy(encoder).float()
+
+
+def dense_pe(sam: SAM2Base) -> torch.Tensor:
+    """(1, C, h, w) position encoding of the decoder's image grid, in the model's dtype."""
+    return _fp32_prompt_encoder(sam).get_dense_pe().to(sam.no_mem_embed.dtype)
+
+
+def _point_tokens(sam: SAM2Base, points: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """SAM2's prompt encoder on points, in the model's dtype."""
+    sparse, _ = _fp32_prompt_encoder(sam)(points=(points, labels), boxes=None, masks=None)
+    return sparse.to(sam.no_mem_embed.dtype)
+
+
 def no_prompt_tokens(sam: SAM2Base) -> torch.Tensor:
     """The constant sparse prompt SAM2 uses on tracked frames (an empty padded point): (1, 2, C)."""
     device = sam.no_mem_embed.device
     coords = torch.zeros(1, 1, 2, device=device)
-    labels = -torch.ones(1, 1, dtype=torch.int32, device=device)
-    sparse, _ = sam.sam_prompt_encoder(points=(coords, labels), boxes=None, masks=None)
-    return sparse
+    return _point_tokens(sam, coords, -torch.ones(1, 1, dtype=torch.int32, device=device))
 
 
 def click_tokens(sam: SAM2Base, points, labels) -> torch.Tensor:
@@ -177,13 +196,11 @@ def click_tokens(sam: SAM2Base, points, labels) -> torch.Tensor:
     as SAM2's sparse prompt tokens (F, k + 1, C); the prompt encoder pads one point."""
     device = sam.no_mem_embed.device
     pts = torch.as_tensor(points, dtype=torch.float32, device=device)
-    lab = torch.as_tensor(labels, dtype=torch.int32, device=device)
-    sparse, _ = sam.sam_prompt_encoder(points=(pts, lab), boxes=None, masks=None)
-    return sparse
+    return _point_tokens(sam, pts, torch.as_tensor(labels, dtype=torch.int32, device=device))
 
 
 def decode_masks(sam: SAM2Base, pix_feat: torch.Tensor, high_res: list[torch.Tensor],
-                 sparse: torch.Tensor) -> HeadOutput:
+                 sparse: torch.Tensor, image_pe: torch.Tensor | None = None) -> HeadOutput:
     """SAM2's mask head, multimask, best of masks 1..3 by predicted IoU, occlusion handling.
 
     `sparse` replaces the prompt encoder's sparse embeddings: the 10 STF tokens on anchors,
@@ -193,7 +210,7 @@ def decode_masks(sam: SAM2Base, pix_feat: torch.Tensor, high_res: list[torch.Ten
     encoder = sam.sam_prompt_encoder
     dense = encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(b, -1, h, w)
     low, ious, tokens, score = sam.sam_mask_decoder(
-        image_embeddings=pix_feat, image_pe=encoder.get_dense_pe(),
+        image_embeddings=pix_feat, image_pe=dense_pe(sam) if image_pe is None else image_pe,
         sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
         multimask_output=True, repeat_image=False, high_res_features=high_res,
     )
@@ -207,7 +224,7 @@ def decode_masks(sam: SAM2Base, pix_feat: torch.Tensor, high_res: list[torch.Ten
     rows = torch.arange(b, device=low.device)
     best = ious.argmax(dim=-1)
     low, high = low[rows, best].unsqueeze(1), high[rows, best].unsqueeze(1)
-    present = appearing.float()
+    present = appearing.to(tokens.dtype)
     ptr = present * sam.obj_ptr_proj(tokens[rows, best]) + (1 - present) * sam.no_obj_ptr
     return HeadOutput(low, high, ptr, score, ious, candidates)
 
@@ -215,9 +232,11 @@ def decode_masks(sam: SAM2Base, pix_feat: torch.Tensor, high_res: list[torch.Ten
 def encode_memory(sam: SAM2Base, feats: FrameFeatures, head: HeadOutput,
                   bf16_storage: bool) -> FrameOutput:
     """SAM2's memory encoder on the chosen mask (sigmoid * 20 - 10, no-object embedding)."""
+    # masks are fp32 (as SAM2 keeps them); a bf16/fp16 memory encoder reads them in its dtype
     maskmem, pos = sam._encode_new_memory(
         current_vision_feats=feats.vision, feat_sizes=feats.sizes,
-        pred_masks_high_res=head.high_res, object_score_logits=head.obj_score,
+        pred_masks_high_res=head.high_res.to(feats.vision[-1].dtype),
+        object_score_logits=head.obj_score,
         is_mask_from_pts=False,
     )
     if bf16_storage:

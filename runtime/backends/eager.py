@@ -14,7 +14,7 @@ from export.units import (
     VisionUnit,
 )
 from runtime.backends.base import Backend
-from virst.model import VirstModel
+from virst.model import VirstModel, low_precision
 
 
 def model_constants(model: VirstModel) -> dict[str, torch.Tensor]:
@@ -40,7 +40,7 @@ class EagerBackend(Backend):
             unit.to(device).eval().requires_grad_(False)
 
     def _run(self, name: str, *args) -> list[torch.Tensor]:
-        with torch.inference_mode():
+        with torch.inference_mode(), low_precision(self.model):
             out = self.units[name](*args)
         return list(out) if isinstance(out, tuple) else [out]
 
