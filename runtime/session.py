@@ -50,7 +50,7 @@ class Session:
     def __init__(self, runtime, video, seed: int | None = None, allow_truncated: bool = False):
         self.rt = runtime
         self.source: VideoSource = open_video(video, allow_truncated)
-        self.source.decode_threads = 1
+        self.source.decode_threads = runtime.decode_threads
         self.plan = plan_frames(self.source.length, runtime.config, seed)
         self.timers = Timers()
         self._seg_position = {f: p for p, f in enumerate(self.plan.seg)}

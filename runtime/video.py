@@ -76,6 +76,8 @@ class VideoSource:
             with av.open(str(self._path)) as container:
                 stream = container.streams.video[0]
                 stream.codec_context.thread_count = self.decode_threads
+                if self.decode_threads > 1:  # frame threads as well as slices
+                    stream.thread_type = "AUTO"
                 for frame in container.decode(stream):
                     if t >= self.length:
                         break

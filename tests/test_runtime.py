@@ -548,11 +548,14 @@ def test_bad_frames_stop_with_a_clear_error_and_no_output(tiny_dir, clip, tmp_pa
     assert not out.exists() and not (tmp_path / "masks.json").exists()
 
 
-def test_a_video_that_ends_early_is_refused(tiny_dir, tmp_path):
+@pytest.mark.parametrize("decode_threads", [1, 4])
+def test_a_video_that_ends_early_is_refused(decode_threads, tiny_dir, tmp_path):
     """A file cut short (its container declares more frames than it holds) is refused before
-    any work; with allow_truncated it is segmented as far as it goes, announced loudly."""
+    any work; with allow_truncated it is segmented as far as it goes, announced loudly.
+    Also with FFmpeg's frame threads (what a GPU's host decodes with)."""
     path = truncated_avi(tmp_path, frames=40, keep=0.3)
     runtime = Runtime(tiny_dir, backend="eager", threads=1)
+    runtime.decode_threads = decode_threads
     with pytest.raises(VideoError, match="cut short: its container declares 40 frames"):
         runtime.session(path)
     session = runtime.session(path, allow_truncated=True)

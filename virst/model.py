@@ -302,7 +302,9 @@ def low_precision(model: nn.Module):
     gives each op the dtype SAM2 expects of it."""
     dtype = next(model.parameters()).dtype
     device = next(model.parameters()).device.type
-    return torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32)
+    # no cast cache: nothing here is trained, and a CUDA graph capture must not keep one
+    return torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32,
+                          cache_enabled=False)
 
 
 def propagate_masks(sam2_steps, frames: FrameEncoder, prompts: dict[int, torch.Tensor],

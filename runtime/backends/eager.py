@@ -1,5 +1,6 @@
 """torch eager: the export units run on the model's own modules (the reference code, with
-SAM2's RoPE and LayerNorm2d in their equal real forms)."""
+SAM2's RoPE and LayerNorm2d in their equal real forms). On a GPU the track step replays as
+a CUDA graph (runtime/backends/cuda_graph.py): the same kernels, launched once."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from export.units import (
     VisionUnit,
 )
 from runtime.backends.base import Backend
+from runtime.backends.cuda_graph import GRAPHED_UNITS, CudaGraphed
 from virst.model import VirstModel, low_precision
 
 
@@ -38,11 +40,24 @@ class EagerBackend(Backend):
                       "vision": VisionUnit(model)}
         for unit in self.units.values():
             unit.to(device).eval().requires_grad_(False)
+        self.graphed = {name: CudaGraphed(lambda *a, n=name: self._call(n, *a))
+                        for name in GRAPHED_UNITS} if device.type == "cuda" else {}
 
     def _run(self, name: str, *args) -> list[torch.Tensor]:
+        if name in self.graphed:
+            return self.graphed[name](*args)
+        return self._call(name, *args)
+
+    def _call(self, name: str, *args) -> list[torch.Tensor]:
         with torch.inference_mode(), low_precision(self.model):
             out = self.units[name](*args)
         return list(out) if isinstance(out, tuple) else [out]
 
+    def _graphs_described(self) -> str:
+        failed = [f"{n} ({g.failed})" for n, g in self.graphed.items() if g.failed]
+        if failed:
+            return f"; CUDA graphs not captured: {', '.join(failed)}"
+        return f"; {', '.join(self.graphed)} replayed as CUDA graphs" if self.graphed else ""
+
     def describe(self) -> str:
-        return f"torch {torch.__version__} eager on {self.device}"
+        return f"torch {torch.__version__} eager on {self.device}{self._graphs_described()}"

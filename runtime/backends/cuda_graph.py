@@ -1,0 +1,64 @@
+"""A fixed-shape unit replayed as a CUDA graph: one launch for its hundreds of small kernels.
+
+The track step runs once per frame on B objects with the memory padded to fixed bounds, so
+its shapes never change within a session; eager, its launches (not its arithmetic) set the
+frame rate on a GPU (measured on an H200, virst-7b bf16: the propagation stage took 25 ms a
+frame eager, 0.9 ms compiled and replayed as a graph). Not Inductor's "reduce-overhead"
+mode: its graph trees are kept per Python thread, and the runtime calls units from pool
+threads and a server from whichever thread serves a request; a captured graph replays from
+any thread."""
+
+from __future__ import annotations
+
+import threading
+import warnings
+
+import torch
+
+# units whose shapes are fixed per session and whose kernels are many and small
+GRAPHED_UNITS = ("track_step",)
+
+
+class CudaGraphed:
+    """`fn` captured as a CUDA graph once per input signature, then replayed: inputs are
+    copied into the graph's own buffers and the outputs cloned out, under a lock (one
+    graph's buffers serve one call at a time). A unit that cannot be captured runs as it
+    is, with a warning that says why."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, list, list]] = {}
+        self.failed: str | None = None
+        self._lock = threading.Lock()
+
+    def __call__(self, *args: torch.Tensor) -> list[torch.Tensor]:
+        if self.failed:
+            return self.fn(*args)
+        key = tuple((tuple(a.shape), a.dtype) for a in args)
+        with self._lock:
+            if key not in self.graphs:
+                try:
+                    self.graphs[key] = self._capture(args)
+                except RuntimeError as err:
+                    self.failed = f"{type(err).__name__}: {err}".splitlines()[0]
+                    warnings.warn(f"CUDA graph capture failed, running uncaptured: "
+                                  f"{self.failed}", stacklevel=2)
+                    return self.fn(*args)
+            graph, inputs, outputs = self.graphs[key]
+            for buffer, a in zip(inputs, args):
+                buffer.copy_(a)
+            graph.replay()
+            return [o.clone() for o in outputs]
+
+    def _capture(self, args) -> tuple[torch.cuda.CUDAGraph, list, list]:
+        inputs = [a.clone() for a in args]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up (compilation, autotuning) outside the capture
+            for _ in range(2):
+                self.fn(*inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outputs = self.fn(*inputs)
+        return graph, inputs, outputs
