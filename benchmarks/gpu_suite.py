@@ -1,7 +1,8 @@
 """Every GPU check and benchmark in one call (for a lent GPU session, whose minutes are few),
 in order of importance, each stopped at its share of `--budget` seconds: the runtime's FPS
 on virst-7b with random weights, bf16, 100 frames of 720p (reference vs torch eager vs
-compiled: the issue's >= 50 FPS goal, with the stage breakdown), the `gpu`-marked tests,
+compiled: the issue's >= 50 FPS goal, with the stage breakdown and a profiled run: GPU
+time by op and by stage), the `gpu`-marked tests,
 the embedded model's FPS on every backend that runs, the STF kernel benchmark, and a few
 FSDP2 training steps of virst-7b (LoRA, activation checkpointing). A step that no longer
 fits is skipped and says so. The suite's JSON is rewritten after every step (a call cut
@@ -32,7 +33,7 @@ def steps(out: Path, card: str, compiled: bool) -> list[tuple[str, int, list[str
     return [
         ("fps virst-7b 720p", 480 if compiled else 150, fps + [
             "--preset", "virst-7b", "--random-weights", "--precision", "bf16", "--frames",
-            "100", "--size", "720p", "--runs", "3",
+            "100", "--size", "720p", "--runs", "3", "--profile",
             "--json", str(out / f"fps-virst7b-{card}.json")]),
         # the files whose imports the GPU machine has (no server packages there)
         ("gpu tests", 240 if compiled else 90, [

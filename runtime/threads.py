@@ -63,7 +63,10 @@ class ThreadPlan:
 
 
 class Timers:
-    """Seconds spent per stage, summed over threads (stages overlap in time)."""
+    """Seconds spent per stage, summed over threads (stages overlap in time). Each stage is
+    also a profiler range: under `torch.profiler` (`benchmarks/fps.py --profile`) the GPU
+    time of the kernels a stage launched is shown against it, where wall-clock timers on a
+    GPU only see launches and waits."""
 
     def __init__(self):
         self.seconds: dict[str, float] = defaultdict(float)
@@ -73,7 +76,8 @@ class Timers:
     def __call__(self, stage: str):
         start = time.perf_counter()
         try:
-            yield
+            with torch.profiler.record_function(f"stage: {stage}"):
+                yield
         finally:
             with self._lock:
                 self.seconds[stage] += time.perf_counter() - start

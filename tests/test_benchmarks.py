@@ -25,13 +25,15 @@ def test_worker_peak_rss_is_its_own_not_the_drivers():
 
 def test_fps_runs_every_path_and_compares_its_masks_with_the_reference(tmp_path):
     """`python benchmarks/fps.py` end to end on a short clip: one and two expressions on
-    the reference and the eager runtime, each row timed and compared frame by frame."""
+    the reference and the eager runtime, each row timed and compared frame by frame, and
+    a profiled run whose table names the runtime's stages."""
     out = tmp_path / "fps.json"
     subprocess.run([sys.executable, "benchmarks/fps.py", "--backends", "eager", "--frames", "8",
                     "--runs", "1", "--no-real", "--expressions", "2", "--threads", "1",
-                    "--json", str(out)], check=True, cwd=ROOT, capture_output=True)
+                    "--profile", "--json", str(out)], check=True, cwd=ROOT, capture_output=True)
     rows = json.loads(out.read_text())["rows"]
     assert [(r["path"], r["expressions"]) for r in rows] == [
         ("reference", 1), ("eager", 1), ("reference", 2), ("eager", 2)]
     for r in rows:
         assert r["frames"] == 8 and r["fps"] > 0 and r["iou_min"] >= 0.99, r
+        assert r["path"] == "reference" or "stage: propagation" in r["profile"], r
