@@ -7,10 +7,11 @@ backend that runs here, side by side in one run, against the paper's 5.1 FPS.
         --precision bf16 --frames 100 --size 720p # the full architecture on a GPU
 
 Every configuration runs in a process of its own (its own peak RSS, its own thread
-settings): a warm-up run (model load, compilation, artifact build excluded from FPS), then
-`--runs` timed runs, taken in turn with the other configurations of the same clip (run 1
-of each, run 2 of each, ...: a drift in the shared machine's load slows all alike); FPS
-is the median, the stage breakdown that of the median run. Masks of every
+settings): a warm-up run (two for compiled; model load, compilation and artifact build
+are excluded from FPS), then `--runs` timed runs, taken in turn with the other
+configurations of the same clip (run 1 of each, run 2 of each, ...: a drift in the shared
+machine's load slows all alike); FPS is the median (the slower middle run of an even
+count), the stage breakdown that of the median run. Masks of every
 configuration are compared per frame with the reference pipeline's (IoU). Thread counts
 are set on purpose and printed; the machine is shared, so read ratios, not absolutes.
 """
@@ -385,11 +386,14 @@ def main(argv=None) -> int:
 
 
 def save(path: str | None, rows: list[dict], threads: int, device: str) -> None:
-    """The rows measured so far (rewritten after each one)."""
+    """The rows measured so far, rewritten after each one (whole: written beside, then
+    moved over the last version)."""
     if path:
-        Path(path).write_text(json.dumps({"rows": rows, "paper_fps": PAPER_FPS,
-                                          "threads": threads, "machine": machine(device)},
-                                         indent=2) + "\n")
+        partial = Path(f"{path}.partial")
+        partial.write_text(json.dumps({"rows": rows, "paper_fps": PAPER_FPS,
+                                       "threads": threads, "machine": machine(device)},
+                                      indent=2) + "\n")
+        partial.replace(path)
 
 
 def machine(device: str = "cpu") -> dict:

@@ -84,9 +84,10 @@ def test_bf16_runtime_masks_equal_the_bf16_reference(backend, clip):
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("backend", ["eager", "compiled"])
 def test_the_runtime_on_a_gpu_equals_the_reference(backend, precision, clip):
-    """On CUDA (the compiled backend's track step replayed as a CUDA graph) against the
-    reference on the same GPU in the same dtype, the embedded model, two expressions:
-    per-frame IoU >= 0.95 (TF32 convolutions; bf16 as in the CPU test above)."""
+    """On CUDA (the track step replayed as a CUDA graph) against the reference on the same
+    GPU in the same dtype, the embedded model, two expressions: per-frame IoU >= 0.95 (TF32
+    convolutions; bf16 as in the CPU test above). On an H200 (2026-12-04) the eager ones
+    passed without the capture check; the eager capture of virst-7b's bf16 step failed."""
     frames, texts = clip
     model = VirstModel.from_pretrained(DEFAULT_MODEL_DIR).to("cuda", getattr(torch, {
         "fp32": "float32", "bf16": "bfloat16"}[precision]))
@@ -96,8 +97,7 @@ def test_the_runtime_on_a_gpu_equals_the_reference(backend, precision, clip):
         masks = _run(runtime, frames, texts[:2])
     for ref, m in zip(refs, masks):
         assert region_similarity(ref, m).min() >= 0.95
-    if backend == "compiled":
-        assert "track_step replayed as CUDA graphs" in runtime.describe()
+    assert "track_step replayed as CUDA graphs" in runtime.describe()
 
 
 def test_a_point_prompt_model_runs_the_same_on_every_backend(clip, tmp_path):
