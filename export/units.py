@@ -138,9 +138,11 @@ class MemoryAttention(nn.Module):
         cos, sin = rope_tables(self.attn.layers[0].self_attn, hw)
         self.register_buffer("cos", cos)
         self.register_buffer("sin", sin)
-        # the level-2 positional encoding is the same for every frame: a constant
-        pos = sam.image_encoder.neck.position_encoding(
-            torch.zeros(1, cfg.sam_dim, cfg.sam_feat_size, cfg.sam_feat_size))
+        # the level-2 positional encoding is the same for every frame: a constant. Made on
+        # the model's device: SAM2 caches it there by size, and the image encoder reads it
+        # (a host copy would be a blocking copy on every call on a GPU)
+        pos = sam.image_encoder.neck.position_encoding(torch.zeros(
+            1, cfg.sam_dim, cfg.sam_feat_size, cfg.sam_feat_size, device=sam.no_mem_embed.device))
         self.register_buffer("curr_pos", pos.flatten(2).transpose(1, 2))
 
     def _layer(self, layer, x, memory, memory_pos, n_ptr, mask):
@@ -215,7 +217,10 @@ class TrackStep(nn.Module):
         self.memory = MemoryEncoder(model)
         self.split = cfg.sam_dim // cfg.mem_dim
         f = cfg.sam_feat_size
-        pos = model.sam2.memory_encoder.position_encoding(torch.zeros(1, cfg.mem_dim, f, f))
+        # on the model's device: SAM2 caches it by size for the memory encoder above, whose
+        # every call would copy a host tensor (on a GPU: a blocking copy, and no CUDA graph)
+        pos = model.sam2.memory_encoder.position_encoding(
+            torch.zeros(1, cfg.mem_dim, f, f, device=model.sam2.no_mem_embed.device))
         self.register_buffer("maskmem_pos", pos.flatten(2).transpose(1, 2)[0])  # (hw, Cm)
 
     def forward(self, features, high_res0, high_res1, memory, memory_tpos, memory_valid,

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import truncated_avi
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from runtime.backends.base import RUNTIME_UNITS, StepOutput
 from runtime.backends.eager import model_constants
@@ -62,14 +63,23 @@ def test_runtime_masks_equal_the_reference_pipeline(backend, tiny_dir, fp32, cli
     assert iou.min() >= 0.99, iou
 
 
-@pytest.mark.parametrize("backend", ["eager", "compiled"])
-def test_bf16_runtime_masks_equal_the_bf16_reference(backend, clip):
-    """bf16 weights run under autocast, as SAM2 runs in bf16 (its masks, point projections
-    and position encodings stay fp32). The embedded model: the runtime against
-    `VirstModel.segment` in bf16, per-frame IoU >= 0.97 (torch in the same dtype: the units'
-    real-valued RoPE and batched calls round differently in bf16; measured: min 0.988 for
-    both backends), and against the fp32 reference mean IoU >= 0.98 (measured 0.995)."""
+@pytest.fixture(scope="module")
+def long_clip(clip):
+    """The clip played back and forth to 100 frames: the embedded model anchors every frame
+    of a video of at most 64, so only a longer one runs the track step."""
     frames, texts = clip
+    return np.concatenate([frames, frames[::-1]] * 3)[:100], texts
+
+
+@pytest.mark.parametrize("backend", ["eager", "compiled"])
+def test_bf16_runtime_masks_equal_the_bf16_reference(backend, long_clip):
+    """bf16 weights run under autocast, as SAM2 runs in bf16 (its masks, point projections
+    and position encodings stay fp32). The embedded model on 100 frames (64 anchors, 36
+    tracked): the runtime against `VirstModel.segment` in bf16, per-frame IoU >= 0.97
+    (torch in the same dtype: the units' real-valued RoPE and batched calls round
+    differently in bf16; measured: min 0.985 eager, 0.983 compiled), and against the fp32
+    reference mean IoU >= 0.98 (measured 0.997)."""
+    frames, texts = long_clip
     model = VirstModel.from_pretrained(DEFAULT_MODEL_DIR)
     fp32 = model.segment(frames, texts[0])
     ref = model.to(torch.bfloat16).segment(frames, texts[0])
@@ -83,12 +93,12 @@ def test_bf16_runtime_masks_equal_the_bf16_reference(backend, clip):
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("backend", ["eager", "compiled"])
-def test_the_runtime_on_a_gpu_equals_the_reference(backend, precision, clip):
+def test_the_runtime_on_a_gpu_equals_the_reference(backend, precision, long_clip):
     """On CUDA (the track step replayed as a CUDA graph) against the reference on the same
-    GPU in the same dtype, the embedded model, two expressions: per-frame IoU >= 0.95 (TF32
-    convolutions; bf16 as in the CPU test above). On an H200 (2026-12-04) the eager ones
-    passed without the capture check; the eager capture of virst-7b's bf16 step failed."""
-    frames, texts = clip
+    GPU in the same dtype, the embedded model, 100 frames, two expressions: per-frame IoU
+    >= 0.95 (TF32 convolutions; bf16 as in the CPU test above). On an H200 (2026-12-04) the
+    eager ones passed on a 24-frame clip, all anchors: no track step ran there."""
+    frames, texts = long_clip
     model = VirstModel.from_pretrained(DEFAULT_MODEL_DIR).to("cuda", getattr(torch, {
         "fp32": "float32", "bf16": "bfloat16"}[precision]))
     refs = [model.segment(frames, t) for t in texts[:2]]
@@ -97,7 +107,55 @@ def test_the_runtime_on_a_gpu_equals_the_reference(backend, precision, clip):
         masks = _run(runtime, frames, texts[:2])
     for ref, m in zip(refs, masks):
         assert region_similarity(ref, m).min() >= 0.95
-    assert "track_step replayed as CUDA graphs" in runtime.describe()
+    assert "track_step replayed as CUDA graphs" in runtime.describe(), runtime.describe()
+
+
+class _HostTensorReads(TorchDispatchMode):
+    """The ops that read a (non-scalar) host tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        leaves = torch.utils._pytree.tree_leaves((args, kwargs or {}))
+        if any(isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.dim() > 0
+               for t in leaves):
+            self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_track_step_reads_no_host_tensor(dtype, tiny_cfg):
+    """On a GPU every tensor the track step reads must be there: SAM2 caches position
+    encodings by size, and the ones the units made on the host at construction were
+    copied to the GPU on every call (a blocking copy each frame; the eager CUDA-graph
+    capture of virst-7b's bf16 step failed on an H200 with "Cannot copy between CPU and
+    CUDA tensors during CUDA graph capture"). The meta device stands in for the GPU here:
+    a host tensor an op reads is one that would cross. (bf16 runs under autocast, which
+    has no meta device: its step is checked through the caches it would read.)"""
+    from sam2.modeling.position_encoding import PositionEmbeddingSine
+
+    from export.units import track_inputs
+    from runtime.backends.eager import EagerBackend
+
+    model = VirstModel.from_preset("tiny").to("meta", dtype)
+    backend = EagerBackend(model, torch.device("meta"))
+    caches = [t for unit in backend.units.values() for m in unit.modules()
+              if isinstance(m, PositionEmbeddingSine) for t in m.cache.values()]
+    assert caches and all(t.device.type == "meta" for t in caches)
+    if dtype == torch.float32:
+        f, c = tiny_cfg.sam_feat_size, tiny_cfg.sam_dim
+
+        def meta(*shape):
+            return torch.empty(*shape, device="meta")
+
+        feats = dict(features=meta(1, c, f, f), high_res0=meta(1, c // 8, 4 * f, 4 * f),
+                     high_res1=meta(1, c // 4, 2 * f, 2 * f))
+        inputs = {k: v.to("meta") for k, v in track_inputs(tiny_cfg, meta, 1, feats).items()}
+        with _HostTensorReads() as reads:
+            backend._run("track_step", *inputs.values())
+        assert reads.ops == []
 
 
 def test_a_point_prompt_model_runs_the_same_on_every_backend(clip, tmp_path):

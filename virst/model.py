@@ -300,9 +300,10 @@ def low_precision(model: VirstModel):
     """Autocast to the weights' dtype when it is bf16/fp16 (a no-op for fp32), as SAM2 runs
     in bf16: SAM2 keeps masks, position encodings and point projections in fp32, and autocast
     gives each op the dtype SAM2 expects of it."""
+    if model.dtype == torch.float32:
+        return contextlib.nullcontext()
     # no cast cache: nothing here is trained, and a CUDA graph capture must not keep one
-    return torch.autocast(model.device.type, dtype=model.dtype,
-                          enabled=model.dtype != torch.float32, cache_enabled=False)
+    return torch.autocast(model.device.type, dtype=model.dtype, cache_enabled=False)
 
 
 def propagate_masks(sam2_steps, frames: FrameEncoder, prompts: dict[int, torch.Tensor],

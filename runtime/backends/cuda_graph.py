@@ -50,6 +50,14 @@ class CudaGraphed:
             graph.replay()
             return [o.clone() for o in outputs]
 
+    def state(self) -> str:
+        """What happened to the unit, for a run's description."""
+        if self.failed:
+            return f"not captured as a CUDA graph ({self.failed})"
+        if self.graphs:
+            return f"replayed as CUDA graphs ({len(self.graphs)} input shape(s))"
+        return "not called yet (captured as a CUDA graph at its first call)"
+
     def _capture(self, args) -> tuple[torch.cuda.CUDAGraph, list, list]:
         inputs = [a.clone() for a in args]
         side = torch.cuda.Stream()

@@ -54,10 +54,7 @@ class EagerBackend(Backend):
         return list(out) if isinstance(out, tuple) else [out]
 
     def _graphs_described(self) -> str:
-        failed = [f"{n} ({g.failed})" for n, g in self.graphed.items() if g.failed]
-        if failed:
-            return f"; CUDA graphs not captured: {', '.join(failed)}"
-        return f"; {', '.join(self.graphed)} replayed as CUDA graphs" if self.graphed else ""
+        return "".join(f"; {name} {graph.state()}" for name, graph in self.graphed.items())
 
     def describe(self) -> str:
         return f"torch {torch.__version__} eager on {self.device}{self._graphs_described()}"
