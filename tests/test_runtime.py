@@ -126,36 +126,34 @@ class _HostTensorReads(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_track_step_reads_no_host_tensor(dtype, tiny_cfg):
-    """On a GPU every tensor the track step reads must be there: SAM2 caches position
-    encodings by size, and the ones the units made on the host at construction were
-    copied to the GPU on every call (a blocking copy each frame; the eager CUDA-graph
-    capture of virst-7b's bf16 step failed on an H200 with "Cannot copy between CPU and
-    CUDA tensors during CUDA graph capture"). The meta device stands in for the GPU here:
-    a host tensor an op reads is one that would cross. (bf16 runs under autocast, which
-    has no meta device: its step is checked through the caches it would read.)"""
+def test_no_unit_reads_a_host_tensor(dtype):
+    """On a GPU every tensor a unit reads must be there: SAM2 caches position encodings by
+    size in a plain dict that `.to()` does not move, and entries made on the host (by the
+    units' constructors, or by any earlier run on the CPU) were copied to the GPU on every
+    call: a blocking copy each frame in the track step and each batch in the image
+    encoder, and the reason the eager CUDA-graph capture of virst-7b's bf16 step failed on
+    an H200 ("Cannot copy between CPU and CUDA tensors during CUDA graph capture"). The
+    meta device stands in for the GPU: a host tensor an op reads is one that would cross.
+    The model first runs its export units on the CPU (filling the caches there), as a
+    model used on the CPU before would. (bf16 runs under autocast, which has no meta
+    device: checked through the caches its units read.)"""
     from sam2.modeling.position_encoding import PositionEmbeddingSine
 
-    from export.units import track_inputs
+    from export.units import build_units
     from runtime.backends.eager import EagerBackend
 
-    model = VirstModel.from_preset("tiny").to("meta", dtype)
-    backend = EagerBackend(model, torch.device("meta"))
+    model = VirstModel.from_preset("tiny")
+    examples = {u.name: u.inputs for u in build_units(model) if u.name in RUNTIME_UNITS}
+    backend = EagerBackend(model.to("meta", dtype), torch.device("meta"))
     caches = [t for unit in backend.units.values() for m in unit.modules()
               if isinstance(m, PositionEmbeddingSine) for t in m.cache.values()]
     assert caches and all(t.device.type == "meta" for t in caches)
     if dtype == torch.float32:
-        f, c = tiny_cfg.sam_feat_size, tiny_cfg.sam_dim
-
-        def meta(*shape):
-            return torch.empty(*shape, device="meta")
-
-        feats = dict(features=meta(1, c, f, f), high_res0=meta(1, c // 8, 4 * f, 4 * f),
-                     high_res1=meta(1, c // 4, 2 * f, 2 * f))
-        inputs = {k: v.to("meta") for k, v in track_inputs(tiny_cfg, meta, 1, feats).items()}
-        with _HostTensorReads() as reads:
-            backend._run("track_step", *inputs.values())
-        assert reads.ops == []
+        for name, inputs in examples.items():
+            on_meta = [x.to("meta") for x in inputs.values()]
+            with _HostTensorReads() as reads:
+                backend._run(name, *on_meta)
+            assert reads.ops == [], name
 
 
 def test_a_point_prompt_model_runs_the_same_on_every_backend(clip, tmp_path):

@@ -28,6 +28,16 @@ except ImportError as err:  # pragma: no cover - exercised only on a broken inst
     ) from err
 
 
+def forget_position_caches(module: torch.nn.Module) -> None:
+    """Empty SAM2's position-encoding caches (by feature size, a plain dict that `.to()`
+    does not move): made on one device and read on another, an entry is copied across on
+    every call (on a GPU a blocking host copy, and no CUDA-graph capture). Refilled on
+    the device of the next call."""
+    for m in module.modules():
+        if isinstance(m, PositionEmbeddingSine):
+            m.cache.clear()
+
+
 def _image_encoder(cfg: VirstConfig) -> ImageEncoder:
     trunk = Hiera(
         embed_dim=cfg.hiera_embed_dim,
