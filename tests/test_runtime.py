@@ -125,35 +125,44 @@ class _HostTensorReads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_no_unit_reads_a_host_tensor(dtype):
+def test_no_unit_reads_a_host_tensor():
     """On a GPU every tensor a unit reads must be there: SAM2 caches position encodings by
-    size in a plain dict that `.to()` does not move, and entries made on the host (by the
+    size in plain dicts that `.to()` does not move, and entries made on the host (by the
     units' constructors, or by any earlier run on the CPU) were copied to the GPU on every
     call: a blocking copy each frame in the track step and each batch in the image
     encoder, and the reason the eager CUDA-graph capture of virst-7b's bf16 step failed on
     an H200 ("Cannot copy between CPU and CUDA tensors during CUDA graph capture"). The
     meta device stands in for the GPU: a host tensor an op reads is one that would cross.
     The model first runs its export units on the CPU (filling the caches there), as a
-    model used on the CPU before would. (bf16 runs under autocast, which has no meta
-    device: checked through the caches its units read.)"""
-    from sam2.modeling.position_encoding import PositionEmbeddingSine
-
+    model used on the CPU before would."""
     from export.units import build_units
     from runtime.backends.eager import EagerBackend
 
     model = VirstModel.from_preset("tiny")
     examples = {u.name: u.inputs for u in build_units(model) if u.name in RUNTIME_UNITS}
-    backend = EagerBackend(model.to("meta", dtype), torch.device("meta"))
-    caches = [t for unit in backend.units.values() for m in unit.modules()
-              if isinstance(m, PositionEmbeddingSine) for t in m.cache.values()]
-    assert caches and all(t.device.type == "meta" for t in caches)
-    if dtype == torch.float32:
-        for name, inputs in examples.items():
-            on_meta = [x.to("meta") for x in inputs.values()]
-            with _HostTensorReads() as reads:
-                backend._run(name, *on_meta)
-            assert reads.ops == [], name
+    backend = EagerBackend(model.to("meta"), torch.device("meta"))
+    for name, inputs in examples.items():
+        on_meta = [x.to("meta") for x in inputs.values()]
+        with _HostTensorReads() as reads:
+            backend._run(name, *on_meta)
+        assert reads.ops == [], name
+
+
+def test_moving_the_model_empties_sams_position_caches(clip):
+    """The same, in any dtype and for the reference path: a model that ran on one device
+    keeps no position encoding of it once moved (to another device or dtype)."""
+    from sam2.modeling.position_encoding import PositionEmbeddingSine
+
+    model = VirstModel.from_preset("tiny")
+    model.segment(clip[0][:4], clip[1][0])
+
+    def cached():
+        return [t for m in model.modules() if isinstance(m, PositionEmbeddingSine)
+                for t in m.cache.values()]
+
+    assert cached()
+    model.to(torch.bfloat16)
+    assert cached() == []
 
 
 def test_a_point_prompt_model_runs_the_same_on_every_backend(clip, tmp_path):

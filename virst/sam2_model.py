@@ -28,16 +28,6 @@ except ImportError as err:  # pragma: no cover - exercised only on a broken inst
     ) from err
 
 
-def forget_position_caches(module: torch.nn.Module) -> None:
-    """Empty SAM2's position-encoding caches (by feature size, a plain dict that `.to()`
-    does not move): made on one device and read on another, an entry is copied across on
-    every call (on a GPU a blocking host copy, and no CUDA-graph capture). Refilled on
-    the device of the next call."""
-    for m in module.modules():
-        if isinstance(m, PositionEmbeddingSine):
-            m.cache.clear()
-
-
 def _image_encoder(cfg: VirstConfig) -> ImageEncoder:
     trunk = Hiera(
         embed_dim=cfg.hiera_embed_dim,
@@ -105,11 +95,22 @@ def _memory_encoder(cfg: VirstConfig) -> MemoryEncoder:
 
 
 class VirstSAM2(SAM2Base):
-    """SAM2Base whose mask decoder takes its head count from the config (SAM2 fixes 8)."""
+    """SAM2Base whose mask decoder takes its head count from the config (SAM2 fixes 8), and
+    whose position-encoding caches are emptied when it moves."""
 
     def __init__(self, decoder_heads: int = 8, **kwargs):
         self.decoder_heads = decoder_heads
         super().__init__(**kwargs)
+
+    def _apply(self, fn, recurse=True):
+        # SAM2 caches position encodings by feature size in plain dicts that `.to()` does
+        # not move: made on one device and read on another, an entry is copied across on
+        # every call (on a GPU a blocking host copy each frame, and no CUDA-graph capture).
+        # Emptied here, they are made again on the device of the next call.
+        for m in self.modules():
+            if isinstance(m, PositionEmbeddingSine):
+                m.cache.clear()
+        return super()._apply(fn, recurse)
 
     def _build_sam_heads(self):
         super()._build_sam_heads()

@@ -17,7 +17,6 @@ from export.units import (
 from runtime.backends.base import Backend
 from runtime.backends.cuda_graph import GRAPHED_UNITS, CudaGraphed
 from virst.model import VirstModel, low_precision
-from virst.sam2_model import forget_position_caches
 
 
 def model_constants(model: VirstModel) -> dict[str, torch.Tensor]:
@@ -31,8 +30,7 @@ class EagerBackend(Backend):
     name = "eager"
 
     def __init__(self, model: VirstModel, device: torch.device):
-        self.model = model.to(device).eval()
-        forget_position_caches(model)  # made on another device, they would cross every call
+        self.model = model.to(device).eval()  # (SAM2's position caches emptied: sam2_model.py)
         self.config, self.device = model.config, device
         self.constants = model_constants(model)
         self.units = {"image_encoder": ImageEncoder(model),
