@@ -98,9 +98,9 @@ class Runtime:
         # cores; a GPU runs them one after the other (one TensorRT context per engine)
         self.compute_workers = 2 if self.threads.encoder_thread and self.device.type == "cpu" \
             else 1
-        # FFmpeg's own decoding threads where the cores do not compute (a GPU's host:
-        # 720p decoding took 7.5 ms a frame on one thread of an H200's host, a third of
-        # the frame time); on a CPU the compute threads have the cores
+        # FFmpeg's own decoding threads where the cores do not compute (a GPU's host: 720p
+        # decoding took 7.5 ms a frame on one thread of an H200's host, 3.6 ms with these);
+        # on a CPU the compute threads have the cores
         self.decode_threads = 1 if self.device.type == "cpu" else min(8, self.threads.cores)
         # one frame at a time on a CPU: larger batches fall out of cache and run slower per
         # frame (measured: ONNX Runtime 7.6 ms/frame at 1, 9.8 at 16); a GPU wants batches

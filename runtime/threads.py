@@ -64,9 +64,9 @@ class ThreadPlan:
 
 class Timers:
     """Seconds spent per stage, summed over threads (stages overlap in time). Each stage is
-    also a profiler range: under `torch.profiler` (`benchmarks/fps.py --profile`) the GPU
-    time of the kernels a stage launched is shown against it, where wall-clock timers on a
-    GPU only see launches and waits."""
+    also a profiler range, a row of `benchmarks/fps.py --profile`'s table: on a GPU the
+    profiler counts the device time of the kernels launched inside a range against it,
+    where these wall-clock timers see only launches and waits (not yet run on a GPU)."""
 
     def __init__(self):
         self.seconds: dict[str, float] = defaultdict(float)

@@ -245,17 +245,19 @@ def encode_memory(sam: SAM2Base, feats: FrameFeatures, head: HeadOutput,
                        head.ious, head.candidates)
 
 
-def anchor_heads(sam: SAM2Base, feats: FrameFeatures, prompt: torch.Tensor) -> HeadOutput:
+def anchor_heads(sam: SAM2Base, feats: FrameFeatures, prompt: torch.Tensor,
+                 image_pe: torch.Tensor | None = None) -> HeadOutput:
     """Anchor frames, SAM-like: features + no_mem_embed, prompt tokens as the sparse prompt.
     Batched: `feats` and `prompt` (B, N, C) may hold several frames."""
     pix = FrameFeatures._grid(feats.vision[-1] + sam.no_mem_embed, feats.sizes[-1])
-    return decode_masks(sam, pix, feats.high_res, prompt)
+    return decode_masks(sam, pix, feats.high_res, prompt, image_pe)
 
 
 def predict_anchor(sam: SAM2Base, feats: FrameFeatures, prompt: torch.Tensor,
-                   bf16_storage: bool = True) -> FrameOutput:
+                   bf16_storage: bool = True, image_pe: torch.Tensor | None = None
+                   ) -> FrameOutput:
     """One anchor frame's prediction and its memory."""
-    return encode_memory(sam, feats, anchor_heads(sam, feats, prompt), bf16_storage)
+    return encode_memory(sam, feats, anchor_heads(sam, feats, prompt, image_pe), bf16_storage)
 
 
 def pointer_tokens(sam: SAM2Base, plan: MemoryPlan, bank: dict[int, FrameOutput],
@@ -306,10 +308,11 @@ def condition_on_memory(sam: SAM2Base, feats: FrameFeatures, plan: MemoryPlan,
 
 def track_frame(sam: SAM2Base, feats: FrameFeatures, plan: MemoryPlan,
                 bank: dict[int, FrameOutput], num_frames: int, no_prompt: torch.Tensor,
-                bf16_storage: bool = True) -> FrameOutput:
+                bf16_storage: bool = True, image_pe: torch.Tensor | None = None
+                ) -> FrameOutput:
     """One propagated (non-anchor) frame."""
     pix = condition_on_memory(sam, feats, plan, bank, num_frames)
-    head = decode_masks(sam, pix, feats.high_res, no_prompt)
+    head = decode_masks(sam, pix, feats.high_res, no_prompt, image_pe)
     return encode_memory(sam, feats, head, bf16_storage)
 
 
@@ -326,19 +329,28 @@ class TorchSam2Steps:
         self.max_anchors = sam.max_cond_frames_in_attn
         self.max_obj_ptrs = sam.max_obj_ptrs_in_encoder
         self._no_prompt = None
+        # the decoder's grid encoding, once per video: SAM2 makes it again for every frame,
+        # which a bf16 model would pay with an fp32 copy of the prompt encoder (3 ms each
+        # on this CPU at virst-7b's size)
+        self._image_pe = None
+
+    def _pe(self) -> torch.Tensor:
+        if self._image_pe is None:
+            self._image_pe = dense_pe(self.sam)
+        return self._image_pe
 
     def encode(self, pixels: torch.Tensor) -> list[FrameFeatures]:
         return encode_frames(self.sam, pixels)
 
     def anchor(self, feats: FrameFeatures, prompt: torch.Tensor) -> FrameOutput:
-        return predict_anchor(self.sam, feats, prompt, self.bf16_storage)
+        return predict_anchor(self.sam, feats, prompt, self.bf16_storage, self._pe())
 
     def track(self, feats: FrameFeatures, plan: MemoryPlan, bank: dict[int, FrameOutput],
               num_frames: int) -> FrameOutput:
         if self._no_prompt is None:
             self._no_prompt = no_prompt_tokens(self.sam)
         return track_frame(self.sam, feats, plan, bank, num_frames, self._no_prompt,
-                           self.bf16_storage)
+                           self.bf16_storage, self._pe())
 
 
 def propagate(steps, features: Callable[[int], object], prompts: dict[int, torch.Tensor],

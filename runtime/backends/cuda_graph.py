@@ -1,9 +1,9 @@
 """A fixed-shape unit replayed as a CUDA graph: one launch for its hundreds of small kernels.
 
 The track step runs once per frame on B objects with the memory padded to fixed bounds, so
-its shapes never change within a session; eager, its launches (not its arithmetic) set the
-frame rate on a GPU (measured on an H200, virst-7b bf16: the propagation stage took 25 ms a
-frame eager, 0.9 ms compiled and replayed as a graph). Not Inductor's "reduce-overhead"
+its shapes never change within a session, and it is hundreds of small kernels (measured on
+an H200, virst-7b bf16: the propagation stage's timer read 25 ms a frame eager, uncaptured,
+and 0.9 ms compiled and replayed as a graph). Not Inductor's "reduce-overhead"
 mode: its graph trees are kept per Python thread, and the runtime calls units from pool
 threads and a server from whichever thread serves a request; a captured graph replays from
 any thread."""
