@@ -183,7 +183,7 @@ def worker(spec: dict) -> dict:
             runs.append((seconds, stages, frames))
             print(json.dumps({"seconds": seconds}), flush=True)
         profile = _profiled_run(target, spec, video, Path(tmp) / "p") if spec.get(
-            "profile") else None
+            "profile") and spec["path"] != "reference" else None
     if spec.get("masks_out"):  # masks are the same in every run: the last one's
         np.save(spec["masks_out"], masks)
     seconds, stages, frames = sorted(runs, key=lambda r: r[0])[len(runs) // 2]
@@ -372,8 +372,9 @@ def main(argv=None) -> int:
                     help="also compare peak RSS on an N-frame and a 64-frame 768x576 video")
     ap.add_argument("--json", help="write every measurement here")
     ap.add_argument("--profile", action="store_true",
-                    help="one more run of each configuration under torch.profiler: its top "
-                         "ops and stages by device time, printed and in the JSON")
+                    help="one more run of each runtime configuration under torch.profiler: "
+                         "the GPU's busy share, stages and top ops by device time, printed "
+                         "and in the JSON")
     ap.add_argument("--profile-dir", help="with --profile on a GPU: keep each gzipped trace here")
     args = ap.parse_args(argv)
     if args.runs < 1:

@@ -127,7 +127,8 @@ class MaskDecoder(nn.Module):
 class MemoryAttention(nn.Module):
     """Current level-2 features (B, C, h, w) attend to spatial memories (B, S, Cm) and
     object-pointer tokens (B, P, Cm); S = k * h * w for any k. `padded=True`: fixed
-    S_max and P_max with validity masks instead (for engines without dynamic shapes)."""
+    S_max and P_max with validity masks instead (for engines without dynamic shapes; masks
+    None: every entry is real)."""
 
     def __init__(self, model: VirstModel, padded: bool = False):
         super().__init__()
@@ -165,7 +166,7 @@ class MemoryAttention(nn.Module):
         mem = torch.cat([memory, pointers], dim=1)
         pos = torch.cat([memory_pos, pointer_pos], dim=1)
         mask = None
-        if self.padded:
+        if self.padded and memory_valid is not None:
             frames = memory_valid.repeat_interleave(h * w, dim=1)
             keep = torch.cat([frames, pointer_valid], dim=1) > 0.5
             # a full (B, 1, q, k) mask: ONNX Runtime's Attention does not broadcast q
@@ -206,7 +207,9 @@ class TrackStep(nn.Module):
                                encodings (added to the constant spatial one inside)
       pointers (B, P, C)       object pointers, split into C / Cm tokens inside;
                                pointer_pos (B, P, Cm) their signed temporal encodings
-      memory_valid (B, S), pointer_valid (B, P)   1 for real entries, 0 for padding
+      memory_valid (B, S), pointer_valid (B, P)   1 for real entries, 0 for padding; both
+                               None for memory of real entries only (any S and P; the
+                               torch backends: no attention mask, the faster kernels)
     """
 
     def __init__(self, model: VirstModel):
@@ -231,7 +234,8 @@ class TrackStep(nn.Module):
         # SAM2 splits each C-d pointer into C / Cm tokens, each with the pointer's encoding
         ptr_tokens = pointers.reshape(b, p * self.split, cm)
         ptr_pos = pointer_pos.repeat_interleave(self.split, dim=1)
-        ptr_valid = pointer_valid.repeat_interleave(self.split, dim=1)
+        ptr_valid = (None if pointer_valid is None
+                     else pointer_valid.repeat_interleave(self.split, dim=1))
         conditioned = self.attention(features, memory.reshape(b, s * hw, cm), pos, ptr_tokens,
                                      ptr_pos, memory_valid, ptr_valid)
         logits, ious, score, ptr = self.decoder(conditioned, high_res0, high_res1)

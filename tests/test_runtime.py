@@ -804,7 +804,7 @@ def test_masks_are_upsampled_in_pieces_that_stay_below_the_mmap_threshold(monkey
         return out
 
     monkeypatch.setattr(session_mod.F, "interpolate", recorded)
-    masks = session_mod.upsample_masks(logits, size)
+    masks = session_mod.upsample_masks(logits, size).numpy()
     assert masks.dtype == bool and np.array_equal(masks, whole)
     assert len(calls) > 1 and max(calls) <= session_mod.UPSAMPLE_PIXELS
     assert sum(calls) == whole.size

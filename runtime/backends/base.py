@@ -72,14 +72,15 @@ class StepOutput:
 
 @dataclass
 class TrackInputs:
-    """The fixed-shape memory of `TrackStep` for B objects (runtime/memory.py builds it)."""
+    """The memory of `TrackStep` for B objects (runtime/memory.py builds it): padded to
+    fixed bounds with validity masks, or compact (real entries only, masks None)."""
 
     memory: torch.Tensor  # (B, S, h*w, Cm)
     memory_tpos: torch.Tensor  # (B, S, Cm)
-    memory_valid: torch.Tensor  # (B, S) float 0/1
+    memory_valid: torch.Tensor | None  # (B, S) float 0/1
     pointers: torch.Tensor  # (B, P, C)
     pointer_pos: torch.Tensor  # (B, P, Cm)
-    pointer_valid: torch.Tensor  # (B, P)
+    pointer_valid: torch.Tensor | None  # (B, P)
 
     def as_dict(self) -> dict[str, torch.Tensor]:
         return dict(self.__dict__)
@@ -94,6 +95,9 @@ class Backend:
     device: torch.device
     config: VirstConfig
     constants: dict[str, torch.Tensor]
+    # the track step takes any memory size (compact memory, no masks): the torch backends;
+    # artifacts have the padded fixed shapes
+    compact_memory = False
 
     def _run(self, unit: str, *args: torch.Tensor) -> list[torch.Tensor]:
         raise NotImplementedError

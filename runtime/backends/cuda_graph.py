@@ -1,12 +1,13 @@
 """A fixed-shape unit replayed as a CUDA graph: one launch for its hundreds of small kernels.
 
-The track step runs once per frame on B objects with the memory padded to fixed bounds, so
-its shapes never change within a session, and it is hundreds of small kernels (measured on
+The track step runs once per frame on B objects, and it is hundreds of small kernels (measured on
 an H200, virst-7b bf16: the propagation stage's timer read 25 ms a frame eager, uncaptured,
 and 0.9 ms compiled and replayed as a graph). Not Inductor's "reduce-overhead"
 mode: its graph trees are kept per Python thread, and the runtime calls units from pool
 threads and a server from whichever thread serves a request; a captured graph replays from
-any thread."""
+any thread. Its memory is compact (real entries only), so a video's frames take a few
+input shapes (about 20 for virst-7b's selection, most frames 2 or 3 of them): a graph each,
+all in one memory pool (they replay one at a time)."""
 
 from __future__ import annotations
 
@@ -15,26 +16,32 @@ import warnings
 
 import torch
 
-# units whose shapes are fixed per session and whose kernels are many and small
+# units whose kernels are many and small, called once per frame
 GRAPHED_UNITS = ("track_step",)
+
+
+def signature(args) -> tuple:
+    """Shapes and dtypes of a unit's arguments (None for an argument left out)."""
+    return tuple(None if a is None else (tuple(a.shape), a.dtype) for a in args)
 
 
 class CudaGraphed:
     """`fn` captured as a CUDA graph once per input signature, then replayed: inputs are
     copied into the graph's own buffers and the outputs cloned out, under a lock (one
-    graph's buffers serve one call at a time). A unit that cannot be captured runs as it
-    is, with a warning that says why."""
+    graph's buffers serve one call at a time). An argument may be None (passed as it is).
+    A unit that cannot be captured runs as it is, with a warning that says why."""
 
     def __init__(self, fn):
         self.fn = fn
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, list, list]] = {}
         self.failed: str | None = None
         self._lock = threading.Lock()
+        self._pool = None  # the graphs' shared memory pool, made at the first capture
 
     def __call__(self, *args: torch.Tensor) -> list[torch.Tensor]:
         if self.failed:
             return self.fn(*args)
-        key = tuple((tuple(a.shape), a.dtype) for a in args)
+        key = signature(args)
         with self._lock:
             if key not in self.graphs:
                 try:
@@ -46,7 +53,8 @@ class CudaGraphed:
                     return self.fn(*args)
             graph, inputs, outputs = self.graphs[key]
             for buffer, a in zip(inputs, args):
-                buffer.copy_(a)
+                if a is not None:
+                    buffer.copy_(a)
             graph.replay()
             return [o.clone() for o in outputs]
 
@@ -59,7 +67,7 @@ class CudaGraphed:
         return "not called yet (captured as a CUDA graph at its first call)"
 
     def _capture(self, args) -> tuple[torch.cuda.CUDAGraph, list, list]:
-        inputs = [a.clone() for a in args]
+        inputs = [None if a is None else a.clone() for a in args]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up (compilation, autotuning) outside the capture
@@ -67,6 +75,7 @@ class CudaGraphed:
                 self.fn(*inputs)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        self._pool = self._pool or torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=self._pool):
             outputs = self.fn(*inputs)
         return graph, inputs, outputs

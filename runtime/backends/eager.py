@@ -28,6 +28,7 @@ def model_constants(model: VirstModel) -> dict[str, torch.Tensor]:
 
 class EagerBackend(Backend):
     name = "eager"
+    compact_memory = True
 
     def __init__(self, model: VirstModel, device: torch.device):
         self.model = model.to(device).eval()  # (SAM2's position caches emptied: sam2_model.py)
