@@ -6,8 +6,8 @@ and 0.9 ms compiled and replayed as a graph). Not Inductor's "reduce-overhead"
 mode: its graph trees are kept per Python thread, and the runtime calls units from pool
 threads and a server from whichever thread serves a request; a captured graph replays from
 any thread. Its memory is compact (real entries only), so a video's frames take a few
-input shapes (about 20 for virst-7b's selection, most frames 2 or 3 of them): a graph each,
-all in one memory pool (they replay one at a time)."""
+input shapes (virst-7b's selection: 17 to 21 over 100 to 1000 frames, most frames in 3 or
+4 of them): a graph each, all in one memory pool (they replay one at a time)."""
 
 from __future__ import annotations
 
