@@ -474,3 +474,27 @@ def test_a_blocked_log_sink_does_not_block_the_server_thread():
         root.handlers = handlers
         root.setLevel(level)
     assert [json.loads(line)["request"] for line in sink.lines] == list(range(200))
+
+
+def test_the_serve_commands_defaults_are_the_servers():
+    """`virst serve`'s flags state their defaults for --help; each must be the one
+    `ServeConfig` / `Limits` use when the flag is not given (two places, held equal)."""
+    from runtime.store import Limits
+    from virst.cli import build_parser
+
+    args = build_parser().parse_args(["serve"])
+    config = ServeConfig()
+    for flag in ("max_upload_mb", "max_uploads", "max_store_gb", "max_queue",
+                 "max_unstreamed", "deadline_s", "sessions"):
+        assert getattr(args, flag) == getattr(config, flag), flag
+    limits = Limits()
+    for flag, field in (("max_frames", "frames"), ("max_megapixels", "megapixels"),
+                        ("max_extracted_mb", "extracted_mb")):  # stated in the help text
+        assert f"default {getattr(limits, field):g})" in _help(flag), flag
+
+
+def _help(dest: str) -> str:
+    from virst.cli import build_parser
+
+    serve = build_parser()._subparsers._group_actions[0].choices["serve"]
+    return next(a.help for a in serve._actions if a.dest == dest)
