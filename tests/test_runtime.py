@@ -123,8 +123,8 @@ def test_the_runtime_on_a_gpu_equals_the_reference(backend, precision, long_clip
 def test_the_frame_loop_never_waits_for_the_gpu(long_clip):
     """No per-frame host synchronisation on a GPU: torch's sync debug mode counts the
     operations that wait for the device (blocking copies, list indices, `.item()`); a run
-    of 100 frames makes as many as one of 60 (the language model's and the set-up's, once
-    per run). Each per-frame wait found by an H200's profile (list indices, masks copied
+    of 100 frames (36 tracked) makes as many as one of 80 (16 tracked; the language
+    model's and the set-up's, once per run). Each per-frame wait found by an H200's profile (list indices, masks copied
     back, frames from pageable memory) idled the GPU. Not yet run on a GPU."""
     frames, texts = long_clip
     runtime = Runtime(DEFAULT_MODEL_DIR, backend="eager", device="cuda")
@@ -141,7 +141,7 @@ def test_the_frame_loop_never_waits_for_the_gpu(long_clip):
             torch.cuda.set_sync_debug_mode("default")
         return sum("synchroniz" in str(w.message) for w in caught)
 
-    assert waits(100) == waits(60)
+    assert waits(100) == waits(80)
 
 
 class _HostTensorReads(TorchDispatchMode):
