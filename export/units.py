@@ -47,6 +47,15 @@ def with_real_layernorm(module: nn.Module) -> nn.Module:
     return module
 
 
+def sam_sharing_weights(sam: nn.Module) -> nn.Module:
+    """A shallow copy of SAM2 (the same weights) whose submodules a unit may replace:
+    `copy.copy` alone shares the module dict, and replacing the copy's decoder replaced
+    the caller's model's."""
+    twin = copy.copy(sam)
+    twin._modules = dict(sam._modules)
+    return twin
+
+
 def rope_tables(attn: RoPEAttention, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin (tokens, head_dim) of SAM2's axial RoPE, from its own complex table."""
     side = int(math.isqrt(tokens))
@@ -107,7 +116,7 @@ class MaskDecoder(nn.Module):
     def __init__(self, model: VirstModel, anchor: bool):
         super().__init__()
         self.anchor = anchor
-        self.sam = copy.copy(model.sam2)  # shallow: shares weights, own decoder copy below
+        self.sam = sam_sharing_weights(model.sam2)  # own decoder copy below
         self.sam.sam_mask_decoder = with_real_layernorm(model.sam2.sam_mask_decoder)
         if not anchor:
             with torch.no_grad():
@@ -183,7 +192,7 @@ class MemoryEncoder(nn.Module):
 
     def __init__(self, model: VirstModel):
         super().__init__()
-        self.sam = copy.copy(model.sam2)
+        self.sam = sam_sharing_weights(model.sam2)
         self.sam.memory_encoder = with_real_layernorm(model.sam2.memory_encoder)
 
     def forward(self, features, mask_logits, obj_score):

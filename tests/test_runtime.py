@@ -124,8 +124,9 @@ def test_the_frame_loop_never_waits_for_the_gpu(long_clip):
     """No per-frame host synchronisation on a GPU: torch's sync debug mode counts the
     operations that wait for the device (blocking copies, list indices, `.item()`); a run
     of 100 frames (36 tracked) makes as many as one of 80 (16 tracked; the language
-    model's and the set-up's, once per run). Each per-frame wait found by an H200's profile (list indices, masks copied
-    back, frames from pageable memory) idled the GPU. Not yet run on a GPU."""
+    model's and the set-up's, once per run). Each per-frame wait found by an H200's
+    profile (list indices, masks copied back, frames from pageable memory) idled the GPU.
+    Not yet run on a GPU."""
     frames, texts = long_clip
     runtime = Runtime(DEFAULT_MODEL_DIR, backend="eager", device="cuda")
 
@@ -180,6 +181,18 @@ def test_no_unit_reads_a_host_tensor():
         with _HostTensorReads() as reads:
             backend._run(name, *on_meta)
         assert reads.ops == [], name
+
+
+def test_building_a_backend_leaves_the_model_as_it_was():
+    """The units swap SAM2's mask decoder and memory encoder for real-LayerNorm copies in
+    their own shallow copy of SAM2; the caller's model keeps its modules (the shared
+    module dict of `copy.copy` had swapped them there too)."""
+    from runtime.backends.eager import EagerBackend
+
+    model = VirstModel.from_preset("tiny")
+    before = dict(model.sam2.named_children())
+    EagerBackend(model, torch.device("cpu"))
+    assert dict(model.sam2.named_children()) == before
 
 
 def test_moving_the_model_empties_sams_position_caches(clip):
