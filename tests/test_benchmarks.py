@@ -37,3 +37,34 @@ def test_fps_runs_every_path_and_compares_its_masks_with_the_reference(tmp_path)
     for r in rows:
         assert r["frames"] == 8 and r["fps"] > 0 and r["iou_min"] >= 0.99, r
         assert r["path"] == "reference" or "stage: propagation" in r["profile"], r
+
+
+def test_the_profile_attributes_kernels_to_the_stage_that_launched_them():
+    """fps.py's trace summary (a GPU's profiled run): the busy time is the union of the
+    kernels' intervals (overlaps counted once), and a kernel counts against the stage range
+    its launch lay in on the launching thread, even when it runs on the GPU later, inside
+    another thread's range."""
+    from benchmarks.fps import trace_summary
+
+    def launch(tid, ts, corr):
+        return {"cat": "cuda_runtime", "tid": tid, "ts": ts, "dur": 1,
+                "args": {"correlation": corr}}
+
+    def kernel(ts, dur, corr):
+        return {"cat": "kernel", "ts": ts, "dur": dur, "args": {"correlation": corr}}
+
+    events = [
+        {"cat": "user_annotation", "name": "stage: image encoder", "tid": 1, "ts": 0,
+         "dur": 100},
+        {"cat": "user_annotation", "name": "stage: propagation", "tid": 2, "ts": 100,
+         "dur": 100},
+        launch(1, 10, 7), launch(2, 120, 8), launch(3, 130, 9),  # thread 3: no stage
+        kernel(150, 2000, 7),  # launched in the encoder's range, runs during propagation's
+        kernel(1000, 3000, 8),  # overlaps the one before: busy 150..4000
+        kernel(5000, 1000, 9),
+    ]
+    text = trace_summary(events, wall=0.01)
+    assert text.startswith("GPU busy 5 ms of the run's 10 ms (48 %), 3 kernels")
+    rows = dict(line.rsplit(None, 1) for line in text.splitlines()[1:])
+    assert {k.strip(): float(v) for k, v in rows.items()} == {
+        "propagation": 3.0, "image encoder": 2.0, "(no stage)": 1.0}
