@@ -10,9 +10,11 @@ fits is skipped and says so. The suite's JSON is rewritten after every step (a c
 short keeps what it measured); a summary table last.
 
     python benchmarks/gpu_suite.py [--out DIR] [--budget SECONDS] [--no-compiled] [--only S]
-    # exits 0 without a GPU. Never run whole: a device call has at most 600 s and the
-    # compiled virst-7b step alone took more than 420 s on an H200 (be6bea3). With 15
-    # minutes: one call `--no-compiled --budget 300`, one `--only compiled --budget 540`
+    # exits 0 without a GPU. Never run whole: a device call has at most 600 s; on an H200
+    # reference, eager and compiled virst-7b rows took 325 s together at 9f531ae, and ran
+    # past 420 s with profiled runs and dynamic memory sizes at be6bea3. With 15
+    # minutes (two machine starts included): one call `--no-compiled --budget 300`, one
+    # `--only compiled --budget 460`
 """
 
 from __future__ import annotations
@@ -40,8 +42,8 @@ def steps(out: Path, card: str, compiled: bool) -> list[tuple[str, int, list[str
         ("gpu tests", 240 if compiled else 90, [
             PY, "-m", "pytest", "-q", "-m", "gpu", "tests/test_kernels.py",
             "tests/test_runtime.py"] + ([] if compiled else ["-k", "not compiled"])),
-        # its warm-up compiles virst-7b's units twice (227 s on an H200 at 0548e0e), after
-        # the reference row's; more than 420 s in all at be6bea3 (cut there)
+        # its warm-up runs virst-7b twice, compiling its units (one warm-up run took 227 s
+        # on an H200 at 9f531ae), after the reference row's
         ("fps virst-7b compiled", 540, virst7b + [
             "--backends", "compiled", "--json", str(out / f"fps-virst7b-compiled-{card}.json")]),
         ("fps embedded model", 180, fps + ["--backends", "eager,compiled" if compiled else "eager",
