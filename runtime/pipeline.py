@@ -14,6 +14,7 @@ checked here, before any video is read.
 from __future__ import annotations
 
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -98,6 +99,8 @@ class Runtime:
         # cores; a GPU runs them one after the other (one TensorRT context per engine)
         self.compute_workers = 2 if self.threads.encoder_thread and self.device.type == "cpu" \
             else 1
+        # one pool for every video: its threads keep their per-thread caches (runtime/threads.py)
+        self.pool = ThreadPoolExecutor(self.compute_workers, thread_name_prefix="virst-compute")
         # FFmpeg's own decoding threads where the cores do not compute (a GPU's host: 720p
         # decoding took 7.5 ms a frame on one thread of an H200's host, 3.6 ms with these);
         # on a CPU the compute threads have the cores

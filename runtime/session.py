@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 
 import numpy as np
@@ -31,7 +30,7 @@ import torch.nn.functional as F
 from runtime.backends.base import Features, StepOutput
 from runtime.heap import KEPT_BLOCK, release_freed_memory
 from runtime.memory import MemoryBank
-from runtime.threads import Timers, background, bounded
+from runtime.threads import Tasks, Timers, background, bounded
 from runtime.video import VideoSource, open_video
 from runtime.writer import FrameMasks
 from virst.preprocess import to_model_input
@@ -81,7 +80,7 @@ class Session:
         rt, plan = self.rt, self.plan
         vlm, seg = set(plan.vlm), sorted(set(plan.seg))
         pixels, parts, batch = {}, [], []
-        with ThreadPoolExecutor(rt.compute_workers) as pool:
+        with Tasks(rt.pool) as pool:
             submit = bounded(pool, IN_FLIGHT * rt.compute_workers)
             for t, frame in self._timed(self.source.sampled(vlm | set(seg)), "decode"):
                 if self.on_sampled is not None:
@@ -141,8 +140,8 @@ class Session:
             with self.timers("stf"), torch.inference_mode():
                 return rt.backend.seg_prompter(hidden[e : e + 1].to(rt.dtype), seg)
 
-        with ThreadPoolExecutor(rt.compute_workers) as pool:  # expressions side by side
-            return torch.cat(list(pool.map(stf, range(len(expressions)))))
+        with Tasks(rt.pool) as pool:  # expressions side by side
+            return torch.cat(pool.map(stf, range(len(expressions))))
 
     def _anchors(self, prompts: torch.Tensor, remember: frozenset[int]
                  ) -> dict[int, StepOutput]:
@@ -153,7 +152,7 @@ class Session:
         per_call = max(1, ANCHOR_BATCH // prompts.shape[0])
         frames = sorted(self.plan.anchor_frames)
         chunks = [frames[i : i + per_call] for i in range(0, len(frames), per_call)]
-        with ThreadPoolExecutor(self.rt.compute_workers) as pool:
+        with Tasks(self.rt.pool) as pool:
             parts = pool.map(lambda c: self._anchor_chunk(prompts, c, remember), chunks)
             return {f: out for part in parts for f, out in part.items()}
 
@@ -184,7 +183,7 @@ class Session:
         limit = IN_FLIGHT * max(1, workers)
         ahead: deque = deque()  # (frames in order, Future of their batch's features | None)
         pending, batch = [], []
-        with ThreadPoolExecutor(workers) if workers else nullcontext() as pool:
+        with Tasks(rt.pool) if workers else nullcontext() as pool:
             submit = bounded(pool, limit)
             for t, frame in self._timed(self.source.frames(), "decode"):
                 pending.append((t, frame))

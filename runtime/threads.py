@@ -25,7 +25,7 @@ import threading
 import time
 from collections import defaultdict, deque
 from collections.abc import Iterator
-from concurrent.futures import Executor, Future
+from concurrent.futures import Executor, Future, wait
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -64,9 +64,8 @@ class ThreadPlan:
 
 class Timers:
     """Seconds spent per stage, summed over threads (stages overlap in time). Each stage is
-    also a profiler range, a row of `benchmarks/fps.py --profile`'s table: on a GPU the
-    profiler counts the device time of the kernels launched inside a range against it,
-    where these wall-clock timers see only launches and waits (not yet run on a GPU)."""
+    also a profiler range: `benchmarks/fps.py --profile` counts the kernels launched inside
+    a range against it, where on a GPU these wall-clock timers see launches and waits."""
 
     def __init__(self):
         self.seconds: dict[str, float] = defaultdict(float)
@@ -87,7 +86,35 @@ class Timers:
             self.seconds[stage] += seconds
 
 
-def bounded(pool: Executor | None, limit: int):
+class Tasks:
+    """Tasks on the runtime's long-lived compute pool, waited for on leaving the block (as
+    `with ThreadPoolExecutor()` waits for its own; tasks not yet started are cancelled
+    when the block ends early). The pool's threads outlive each video, and with them
+    what a thread caches: cuDNN keeps its attention plans per thread, and building one
+    took about 62 ms on an H200 (29 of them, 1.8 s, in each virst-7b run when every call
+    made its own threads)."""
+
+    def __init__(self, pool: Executor):
+        self.pool, self.futures = pool, []
+
+    def submit(self, fn, *args) -> Future:
+        future = self.pool.submit(fn, *args)
+        self.futures.append(future)
+        return future
+
+    def map(self, fn, items) -> list:
+        return [f.result() for f in [self.submit(fn, item) for item in items]]
+
+    def __enter__(self) -> Tasks:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for future in self.futures:
+            future.cancel()
+        wait(self.futures)
+
+
+def bounded(pool: Executor | Tasks | None, limit: int):
     """`pool.submit` that first waits for the oldest of `limit` pending tasks: a producer
     faster than the pool (a decoder) holds at most `limit` tasks' arguments (frames).
     `pool=None`: each task runs at once on the calling thread."""

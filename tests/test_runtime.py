@@ -351,6 +351,34 @@ def test_anchors_nobody_reads_skip_the_memory_encoder(tiny_dir, clip, reference)
         assert region_similarity(expect, masks).min() >= 0.99
 
 
+def test_the_compute_threads_outlive_each_video(tiny_dir, long_clip):
+    """Every stage's compute work of every video runs on the runtime's own pool threads
+    (what a thread caches stays warm: cuDNN's attention plans are per thread, about 62 ms
+    each on an H200, and were rebuilt for every video when each call made new threads);
+    an early end cancels the tasks not yet started and leaves the pool usable."""
+    frames, texts = long_clip
+    runtime = Runtime(tiny_dir, backend="eager", threads=2)
+    seen, backend_run = [], runtime.backend._run
+
+    def recorded(unit, *args):
+        seen.append((unit, threading.current_thread().name))
+        return backend_run(unit, *args)
+
+    runtime.backend._run = recorded
+    first = _run(runtime, frames, texts[:2])
+    threads_first = {name for _, name in seen}
+    seen.clear()
+    stopped = runtime.session(frames).segment(texts[:1])
+    next(stopped), stopped.close()  # a client that leaves after the first frame
+    seen.clear()
+    again = _run(runtime, frames, texts[:2])
+    units = {unit for unit, name in seen if name.startswith("virst-compute")}
+    assert {"image_encoder", "seg_prompter", "mask_decoder_anchor"} <= units
+    assert {name for _, name in seen} == threads_first
+    assert np.array_equal(first, again)
+    assert len({n for n in threads_first if n.startswith("virst-compute")}) == 2
+
+
 def test_decoded_frames_are_dropped_as_soon_as_they_are_used(tiny_dir, clip, reference,
                                                               tmp_path, monkeypatch):
     """Both passes hold a few decoded frames at a time, whatever the video's length and
