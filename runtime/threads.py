@@ -91,8 +91,8 @@ class Tasks:
     `with ThreadPoolExecutor()` waits for its own; tasks not yet started are cancelled
     when the block ends early). The pool's threads outlive each video, and with them
     what a thread caches: cuDNN keeps its attention plans per thread, and building one
-    took about 62 ms on an H200 (29 of them, 1.8 s, in each virst-7b run when every call
-    made its own threads)."""
+    took 61-73 ms on an H200 (28 of them, 1.8 s, in each virst-7b eager run when every
+    call made its own threads)."""
 
     def __init__(self, pool: Executor):
         self.pool, self.futures = pool, []

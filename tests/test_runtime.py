@@ -353,7 +353,7 @@ def test_anchors_nobody_reads_skip_the_memory_encoder(tiny_dir, clip, reference)
 
 def test_the_compute_threads_outlive_each_video(tiny_dir, long_clip):
     """Every stage's compute work of every video runs on the runtime's own pool threads
-    (what a thread caches stays warm: cuDNN's attention plans are per thread, about 62 ms
+    (what a thread caches stays warm: cuDNN's attention plans are per thread, 61-73 ms
     each on an H200, and were rebuilt for every video when each call made new threads);
     an early end cancels the tasks not yet started and leaves the pool usable."""
     frames, texts = long_clip
