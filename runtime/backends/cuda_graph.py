@@ -1,4 +1,5 @@
-"""A fixed-shape unit replayed as a CUDA graph: one launch for its hundreds of small kernels.
+"""A unit replayed as a CUDA graph per input shape: one launch for its hundreds of small
+kernels.
 
 The track step runs once per frame on B objects, and it is hundreds of small kernels (measured on
 an H200, virst-7b bf16: the propagation stage's timer read 25 ms a frame eager, uncaptured,
