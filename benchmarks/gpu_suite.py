@@ -30,11 +30,13 @@ from pathlib import Path
 PY = sys.executable
 
 
-def steps(out: Path, card: str, compiled: bool) -> list[tuple[str, int, list[str]]]:
+def steps(out: Path, card: str, compiled: bool,
+          profile_dir: str | None = None) -> list[tuple[str, int, list[str]]]:
     """(name, most seconds it may take, command), most important first."""
     fps = [PY, "benchmarks/fps.py", "--device", "cuda", "--no-real"]
     virst7b = fps + ["--preset", "virst-7b", "--random-weights", "--precision", "bf16",
-                     "--frames", "100", "--size", "720p", "--runs", "3", "--profile"]
+                     "--frames", "100", "--size", "720p", "--runs", "3", "--profile"] + (
+        ["--profile-dir", profile_dir] if profile_dir else [])
     found = [
         ("fps virst-7b eager", 180, virst7b + [
             "--backends", "eager", "--json", str(out / f"fps-virst7b-{card}.json")]),
@@ -85,6 +87,7 @@ def main() -> int:
                          "units for about 4 minutes on an H200)")
     ap.add_argument("--only", help="the steps whose name holds this (e.g. 'compiled', to "
                                    "give the compiled row a call of its own)")
+    ap.add_argument("--profile-dir", help="keep the virst-7b rows' gzipped profiler traces here")
     args = ap.parse_args()
     import torch
 
@@ -96,7 +99,7 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report = {}
-    for name, most, cmd in steps(out, card, not args.no_compiled):
+    for name, most, cmd in steps(out, card, not args.no_compiled, args.profile_dir):
         if args.only and args.only not in name:
             continue
         left = args.budget - (time.perf_counter() - start)
