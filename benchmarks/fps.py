@@ -177,10 +177,12 @@ def worker(spec: dict) -> dict:
             _one_run(target, spec, video, Path(tmp) / "warm")
         warm = time.perf_counter() - start
         print(json.dumps({"ready": warm}), flush=True)
-        runs = []
+        runs, compiles = [], []
         for _ in sys.stdin:
+            compiled_before = _compiled_frames()
             seconds, stages, masks, frames = _one_run(target, spec, video, Path(tmp) / "m")
             runs.append((seconds, stages, frames))
+            compiles.append(_compiled_frames() - compiled_before)
             print(json.dumps({"seconds": seconds}), flush=True)
         profile = _profiled_run(target, spec, video, Path(tmp) / "p") if spec.get(
             "profile") and spec["path"] != "reference" else None
@@ -192,7 +194,16 @@ def worker(spec: dict) -> dict:
     return {"fps": frames / seconds, "seconds": seconds, "all_seconds": [r[0] for r in runs],
             "stages": stages, "warmup_seconds": warm, "frames": frames,
             "peak_rss_mb": peak_rss_mb(), "describe": described,
+            # frames Dynamo compiled during each timed run (an H200's first timed compiled
+            # run took 5.0 s against 1.8 for the next two: was it compiling?)
+            "compiled_frames": compiles,
             **({"profile": profile} if profile else {})}
+
+
+def _compiled_frames() -> int:
+    from torch._dynamo.utils import counters
+
+    return counters["frames"]["total"]
 
 
 def _profiled_run(target, spec: dict, video: Path, out: Path) -> str:
@@ -550,7 +561,10 @@ def report(rows: list[dict], threads: int) -> None:
             print(f"  {clip} {path} ({n} threads): {k} expressions cost {one / value:.2f}x one")
     for r in rows:
         if "describe" in r:
-            print(f"  {r['clip']} {r['path']}: {r['describe']}")
+            runs = ", ".join(f"{s:.2f}" for s in r.get("all_seconds", []))
+            compiled = (f"; frames compiled in each: {r['compiled_frames']}"
+                        if any(r.get("compiled_frames", [])) else "")
+            print(f"  {r['clip']} {r['path']}: {r['describe']}; runs {runs} s{compiled}")
     for r in rows:
         if "profile" in r:
             print(f"\nprofile of {r['clip']} {r['path']} (one more run):\n{r['profile']}")

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterator
-from contextlib import nullcontext
+from contextlib import closing, nullcontext
 
 import numpy as np
 import torch
@@ -30,10 +30,11 @@ import torch.nn.functional as F
 from runtime.backends.base import Features, StepOutput
 from runtime.heap import KEPT_BLOCK, release_freed_memory
 from runtime.memory import MemoryBank
-from runtime.threads import Tasks, Timers, background, bounded
+from runtime.threads import Background, Tasks, Timers, bounded
 from runtime.video import VideoSource, open_video
 from runtime.writer import FrameMasks
 from virst.preprocess import to_model_input
+from virst.prompt import Prompt
 from virst.sampling import plan_frames
 
 UPSAMPLE_BATCH = 8  # frames whose masks are upsampled together
@@ -126,12 +127,19 @@ class Session:
         return self._seg
 
     # ------------------------------------------------------------------ prompts
-    @torch.inference_mode()
     def prompts(self, expressions: list[str]) -> torch.Tensor:
         """(E, N, T_seg, C): each expression's prompt tokens for every segmentation frame."""
-        rt = self.rt
-        prompts = [rt.build_prompt(e) for e in expressions]
+        return self._prompts(self._checked_and_sampled(expressions))
+
+    def _checked_and_sampled(self, expressions: list[str]) -> list[Prompt]:
+        """The expressions' prompts (refused before any work), pass 1 done or reused."""
+        prompts = [self.rt.build_prompt(e) for e in expressions]
         self.cache_hits += self._first_pass()
+        return prompts
+
+    @torch.inference_mode()
+    def _prompts(self, prompts: list[Prompt]) -> torch.Tensor:
+        rt = self.rt
         seg = self.seg_features().level2[None]  # (1, T, C, h, w)
         with self.timers("vlm"):
             hidden = rt.lm.seg_hidden(prompts, self.video_tokens(), seg)
@@ -141,7 +149,7 @@ class Session:
                 return rt.backend.seg_prompter(hidden[e : e + 1].to(rt.dtype), seg)
 
         with Tasks(rt.pool) as pool:  # expressions side by side
-            return torch.cat(pool.map(stf, range(len(expressions))))
+            return torch.cat(pool.map(stf, range(len(prompts))))
 
     def _anchors(self, prompts: torch.Tensor, remember: frozenset[int]
                  ) -> dict[int, StepOutput]:
@@ -233,16 +241,24 @@ class Session:
 
     def _propagate(self, expressions: list[str], keep_frames: bool) -> Iterator[FrameMasks]:
         rt = self.rt
-        prompts = self.prompts(expressions)
-        e = len(expressions)
+        prompts = self._checked_and_sampled(expressions)
+        stream = self._encoded(keep_frames)
+        if rt.threads.encoder_thread:
+            # pass 2 decodes and encodes ahead while the language model and the anchors
+            # run, IN_FLIGHT batches per thread (an H200's trace of virst-7b: the GPU was
+            # nearly idle for 0.2 s of a 2.3 s run while the host ran the language model
+            # and pass 2 decoded its first frames)
+            stream = Background(stream, maxsize=2, name="virst-encoder")
+        with closing(stream):
+            yield from self._frame_loop(self._prompts(prompts), stream)
+
+    def _frame_loop(self, prompts: torch.Tensor, stream: Iterator) -> Iterator[FrameMasks]:
+        rt, e = self.rt, prompts.shape[0]
         bank = MemoryBank(rt.config, rt.backend.constants, sorted(self.plan.anchor_frames),
                           self.length, e, rt.device, rt.dtype)
         anchors = self._anchors(prompts, bank.anchors_read)
         for frame, out in anchors.items():
             bank.write_anchor(frame, out)
-        stream = self._encoded(keep_frames)
-        if rt.threads.encoder_thread:
-            stream = background(stream, maxsize=2, name="virst-encoder")
         done, pending = [], None
         with torch.inference_mode():
             for t, frame, feats in stream:

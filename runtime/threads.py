@@ -163,31 +163,50 @@ class Handoff:
         self.stopped.set()
 
 
-def background(items: Iterator, maxsize: int = 2, name: str = "virst-stage") -> Iterator:
-    """Run the iterator `items` in a thread, `maxsize` results ahead of the consumer. An
-    exception there is raised here; leaving early stops the thread."""
-    handoff = Handoff(maxsize)
+class Background(Iterator):
+    """Run the iterator `items` in a thread from now on, `maxsize` results ahead of the
+    consumer (started before its first result is asked for, it works while the consumer
+    does something else). An exception there is raised here; `close()` (or leaving a
+    `with` block) stops the thread, closing `items` there."""
 
-    def run():
+    def __init__(self, items: Iterator, maxsize: int = 2, name: str = "virst-stage"):
+        self._handoff = Handoff(maxsize)
+        self._ended = False
+        self._thread = threading.Thread(target=self._produce, args=(items,), name=name,
+                                        daemon=True)
+        self._thread.start()
+
+    def _produce(self, items: Iterator) -> None:
         try:
             with torch.inference_mode():
                 for item in items:
-                    if not handoff.put(item):
+                    if not self._handoff.put(item):
                         return
-            handoff.put(_END)
+            self._handoff.put(_END)
         except BaseException as err:  # handed to the consumer, which raises it
-            handoff.put(_Failure(err))
+            self._handoff.put(_Failure(err))
+        finally:
+            getattr(items, "close", lambda: None)()  # a generator's clean-up, on its thread
 
-    thread = threading.Thread(target=run, name=name, daemon=True)
-    thread.start()
-    try:
-        while True:
-            item = handoff.queue.get()
-            if item is _END:
-                return
-            if isinstance(item, _Failure):
-                raise item.error
-            yield item
-    finally:
-        handoff.stop()
-        thread.join()
+    def __next__(self):
+        if self._ended:
+            raise StopIteration
+        item = self._handoff.queue.get()
+        if item is _END or isinstance(item, _Failure):
+            self.close()
+        if item is _END:
+            raise StopIteration
+        if isinstance(item, _Failure):
+            raise item.error
+        return item
+
+    def close(self) -> None:
+        self._ended = True
+        self._handoff.stop()
+        self._thread.join()
+
+    def __enter__(self) -> Background:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -22,12 +22,12 @@ from runtime.backends.base import RUNTIME_UNITS, StepOutput
 from runtime.backends.eager import model_constants
 from runtime.memory import INDEX_WINDOW, MemoryBank
 from runtime.pipeline import Runtime
-from runtime.threads import ThreadPlan, background
+from runtime.threads import Background, ThreadPlan
 from runtime.writer import MaskWriter
 from virst.cli import DEFAULT_MODEL_DIR
 from virst.config import preset
 from virst.data.shapes import make_video
-from virst.errors import CheckpointError, ConfigError, VideoError
+from virst.errors import CheckpointError, ConfigError, InputError, VideoError
 from virst.eval.metrics import region_similarity
 from virst.model import VirstModel
 from virst.tdau import FrameOutput, gather_memory, select_memory
@@ -105,8 +105,9 @@ def test_the_runtime_on_a_gpu_equals_the_reference(backend, precision, long_clip
     """On CUDA (the track step replayed as a CUDA graph) against the reference on the same
     GPU in the same dtype, the embedded model, 100 frames, two expressions: per-frame IoU
     >= 0.95 (TF32 convolutions; bf16 as in the CPU test above). On an H200 (2026-12-04)
-    the eager ones passed at be6bea3 (compact memory, a graph per memory size); the
-    compiled ones have not run on a GPU with this clip."""
+    the eager ones passed at be6bea3 and 5da2858 (compact memory, a graph per memory
+    size); the compiled ones have not run on a GPU with this clip. Compiled: its own track
+    step captured, not the eager fallback (on virst-7b at 5da2858 it was not captured)."""
     frames, texts = long_clip
     model = VirstModel.from_pretrained(DEFAULT_MODEL_DIR).to("cuda", getattr(torch, {
         "fp32": "float32", "bf16": "bfloat16"}[precision]))
@@ -116,7 +117,29 @@ def test_the_runtime_on_a_gpu_equals_the_reference(backend, precision, long_clip
         masks = _run(runtime, frames, texts[:2])
     for ref, m in zip(refs, masks):
         assert region_similarity(ref, m).min() >= 0.95
-    assert "track_step replayed as CUDA graphs" in runtime.describe(), runtime.describe()
+    assert "track_step replayed as CUDA graphs (" in runtime.describe(), runtime.describe()
+
+
+@pytest.mark.gpu
+def test_a_unit_that_cannot_be_captured_falls_back_to_another_that_can():
+    """A unit whose capture fails (here: it reads a value back, which a capture forbids)
+    is replaced by its fallback, captured and replayed with new inputs; with no fallback it
+    runs uncaptured. Both say so. Not yet run on a GPU."""
+    from runtime.backends.cuda_graph import CudaGraphed
+
+    def reads_back(x):
+        return [x * 2 if x.abs().sum().item() >= 0 else x]
+
+    x, y = (torch.randn(4, 8, device="cuda") for _ in range(2))
+    graphed = CudaGraphed(reads_back, fallback=lambda x: [x * 2])
+    with pytest.warns(UserWarning, match="capturing the fallback"):
+        assert torch.equal(graphed(x)[0], x * 2)
+    assert torch.equal(graphed(y)[0], y * 2)
+    assert graphed.state().startswith("replayed as CUDA graphs of its fallback (1 input")
+    alone = CudaGraphed(reads_back)
+    with pytest.warns(UserWarning, match="running uncaptured"):
+        assert torch.equal(alone(x)[0], x * 2)
+    assert alone.state().startswith("not captured as a CUDA graph")
 
 
 @pytest.mark.gpu
@@ -126,7 +149,7 @@ def test_the_frame_loop_never_waits_for_the_gpu(long_clip):
     of 100 frames (36 tracked) makes as many as one of 80 (16 tracked; the language
     model's and the set-up's, once per run). Each per-frame wait found by an H200's
     profile (list indices, masks copied back, frames from pageable memory) idled the GPU.
-    Not yet run on a GPU."""
+    Passed on an H200 at 5da2858."""
     frames, texts = long_clip
     runtime = Runtime(DEFAULT_MODEL_DIR, backend="eager", device="cuda")
 
@@ -738,14 +761,43 @@ def test_a_video_that_ends_early_is_refused(decode_threads, tiny_dir, tmp_path):
     assert len(list(session.segment(["the red circle"]))) == session.length
 
 
+def test_pass_2_encodes_ahead_while_the_language_model_runs(tiny_dir, long_clip):
+    """With a decoding thread, pass 2's first frames are decoded and encoded while the
+    language model and the anchors run (a GPU idled there: 0.2 s of a 2.3 s virst-7b run
+    on an H200), and an expression the model refuses stops the run before pass 2 starts."""
+    frames, texts = long_clip
+    runtime = Runtime(tiny_dir, backend="eager", threads=2)
+    session = runtime.session(frames)
+    session.video_tokens()  # pass 1 done: what the encoder does from now on is pass 2
+    events, seg_hidden, encode = [], runtime.lm.seg_hidden, session._encode
+
+    def slow_lm(*args):
+        events.append("lm")
+        time.sleep(0.5)
+        events.append("lm done")
+        return seg_hidden(*args)
+
+    def encode_recorded(batch):
+        events.append("encode")
+        return encode(batch)
+
+    runtime.lm.seg_hidden, session._encode = slow_lm, encode_recorded
+    with pytest.raises(InputError, match="empty"):
+        list(session.segment(["  "]))
+    assert events == []
+    masks = [f.masks for f in session.segment(texts[:1])]
+    assert len(masks) == len(frames)
+    assert "encode" in events[: events.index("lm done")], events
+
+
 def test_background_stage_passes_errors_and_stops_early():
     def items():
         yield 1
         raise ValueError("boom")
 
     with pytest.raises(ValueError, match="boom"):
-        list(background(items()))
-    stream = background(iter(range(1000)), maxsize=2)
+        list(Background(items()))
+    stream = Background(iter(range(1000)), maxsize=2)
     assert next(stream) == 0
     stream.close()  # the producer thread ends instead of blocking on a full queue
     assert ThreadPlan.for_cores(1) == ThreadPlan(1, 1, False, False)

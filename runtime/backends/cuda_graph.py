@@ -30,12 +30,15 @@ class CudaGraphed:
     """`fn` captured as a CUDA graph once per input signature, then replayed: inputs are
     copied into the graph's own buffers and the outputs cloned out, under a lock (one
     graph's buffers serve one call at a time). An argument may be None (passed as it is).
-    A unit that cannot be captured runs as it is, with a warning that says why."""
+    If `fn` cannot be captured, `fallback` (the same unit another way: the compiled
+    backend's eager unit) is captured in its place; failing that too, the unit runs
+    uncaptured. Each failure is a warning that says why, and `state()` tells."""
 
-    def __init__(self, fn):
-        self.fn = fn
+    def __init__(self, fn, fallback=None):
+        self.fn, self.fallback = fn, fallback
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, list, list]] = {}
-        self.failed: str | None = None
+        self.failed: str | None = None  # why `fn` (and the fallback) could not be captured
+        self.fell_back: str | None = None  # why `fn` could not, when the fallback could
         self._lock = threading.Lock()
         self._pool = None  # the graphs' shared memory pool, made at the first capture
 
@@ -44,14 +47,8 @@ class CudaGraphed:
             return self.fn(*args)
         key = signature(args)
         with self._lock:
-            if key not in self.graphs:
-                try:
-                    self.graphs[key] = self._capture(args)
-                except RuntimeError as err:
-                    self.failed = f"{type(err).__name__}: {err}".splitlines()[0]
-                    warnings.warn(f"CUDA graph capture failed, running uncaptured: "
-                                  f"{self.failed}", stacklevel=2)
-                    return self.fn(*args)
+            if key not in self.graphs and not self._captured(key, args):
+                return self.fn(*args)
             graph, inputs, outputs = self.graphs[key]
             for buffer, a in zip(inputs, args):
                 if a is not None:
@@ -59,12 +56,30 @@ class CudaGraphed:
             graph.replay()
             return [o.clone() for o in outputs]
 
+    def _captured(self, key: tuple, args) -> bool:
+        """Capture `fn` for these inputs. If it cannot be, the fallback becomes `fn` (the
+        graphs captured so far stay) and is captured; failing that, False from now on."""
+        try:
+            self.graphs[key] = self._capture(args)
+            return True
+        except RuntimeError as err:
+            why = f"{type(err).__name__}: {err}".splitlines()[0]
+        if self.fallback is None:
+            self.failed = why
+            warnings.warn(f"CUDA graph capture failed, running uncaptured: {why}", stacklevel=3)
+            return False
+        warnings.warn(f"CUDA graph capture failed ({why}); capturing the fallback", stacklevel=3)
+        self.fn, self.fallback, self.fell_back = self.fallback, None, why
+        return self._captured(key, args)
+
     def state(self) -> str:
         """What happened to the unit, for a run's description."""
+        why = f"; the unit itself could not be ({self.fell_back})" if self.fell_back else ""
         if self.failed:
-            return f"not captured as a CUDA graph ({self.failed})"
+            return f"not captured as a CUDA graph ({self.failed}){why}"
         if self.graphs:
-            return f"replayed as CUDA graphs ({len(self.graphs)} input shape(s))"
+            source = " of its fallback" if self.fell_back else ""
+            return f"replayed as CUDA graphs{source} ({len(self.graphs)} input shape(s)){why}"
         return "not called yet (captured as a CUDA graph at its first call)"
 
     def _capture(self, args) -> tuple[torch.cuda.CUDAGraph, list, list]:
@@ -77,6 +92,9 @@ class CudaGraphed:
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         self._pool = self._pool or torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(graph, pool=self._pool):
+        # "thread_local": the runtime's other threads go on using the GPU during a capture
+        # (the image encoder, pinned copies, a unit compiling); under the default "global"
+        # mode any such call on any thread invalidates the capture
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             outputs = self.fn(*inputs)
         return graph, inputs, outputs

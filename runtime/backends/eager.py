@@ -41,8 +41,13 @@ class EagerBackend(Backend):
                       "vision": VisionUnit(model)}
         for unit in self.units.values():
             unit.to(device).eval().requires_grad_(False)
-        self.graphed = {name: CudaGraphed(lambda *a, n=name: self._call(n, *a))
+        self.graphed = {name: CudaGraphed(lambda *a, n=name: self._call(n, *a),
+                                          fallback=self._fallback(name))
                         for name in GRAPHED_UNITS} if device.type == "cuda" else {}
+
+    def _fallback(self, name: str):
+        """What to capture if the unit cannot be (the compiled backend: its eager unit)."""
+        return None
 
     def _run(self, name: str, *args) -> list[torch.Tensor]:
         if name in self.graphed:
@@ -50,8 +55,11 @@ class EagerBackend(Backend):
         return self._call(name, *args)
 
     def _call(self, name: str, *args) -> list[torch.Tensor]:
+        return self._invoke(self.units[name], *args)
+
+    def _invoke(self, unit, *args) -> list[torch.Tensor]:
         with torch.inference_mode(), low_precision(self.model):
-            out = self.units[name](*args)
+            out = unit(*args)
         return list(out) if isinstance(out, tuple) else [out]
 
     def _graphs_described(self) -> str:
