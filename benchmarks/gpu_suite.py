@@ -10,11 +10,10 @@ fits is skipped and says so. The suite's JSON is rewritten after every step (a c
 short keeps what it measured); a summary table last.
 
     python benchmarks/gpu_suite.py [--out DIR] [--budget SECONDS] [--no-compiled] [--only S]
-    # exits 0 without a GPU. Never run whole: a device call has at most 600 s; on an H200
-    # reference, eager and compiled virst-7b rows took 325 s together at 9f531ae, and ran
-    # past 420 s with profiled runs and dynamic memory sizes at be6bea3. With 15
-    # minutes (two machine starts included): one call `--no-compiled --budget 300`, one
-    # `--only compiled --budget 460`
+    # exits 0 without a GPU. Never run whole: a device call has at most 600 s. On an H200
+    # at 5da2858: `--no-compiled --budget 270` took 263 s (eager virst-7b 117 s, GPU tests,
+    # embedded model, STF kernel; the FSDP2 step skipped), then at once on the warm
+    # machine `--only compiled --budget 500` 352 s: 11 of 15 minutes with one start
 """
 
 from __future__ import annotations
