@@ -98,6 +98,25 @@ def test_bf16_runtime_masks_equal_the_bf16_reference(backend, long_clip):
     assert counters["frames"]["total"] - compiled_before <= (10 if backend == "compiled" else 0)
 
 
+def test_the_compiled_backend_compiles_nothing_new_for_other_videos(tiny_dir, long_clip):
+    """Once warmed up on one video with two expressions, the compiled backend serves other
+    lengths (fewer frames than the model samples too) and expression counts without
+    compiling: the per-object units' batch, the track step's memory size, the video's
+    segmentation frames are dynamic sizes, views are handed over as fresh tensors. With
+    static sizes each new count compiled anew (a server would stall for each)."""
+    from torch._dynamo.utils import counters
+
+    frames, texts = long_clip
+    runtime = Runtime(tiny_dir, backend="compiled", threads=1)
+    for _ in range(2):
+        _run(runtime, frames, texts[:2])
+    compiled = counters["frames"]["total"]
+    for n, e in ((90, 3), (40, 2), (77, 3)):
+        masks = _run(runtime, frames[:n], texts[:e])
+        assert masks.shape[:2] == (e, n)
+    assert counters["frames"]["total"] == compiled
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("backend", ["eager", "compiled"])
