@@ -201,6 +201,10 @@ def worker(spec: dict) -> dict:
 
 
 def _compiled_frames() -> int:
+    """Frames Dynamo has compiled in this process; 0 where it was never imported (importing
+    it would add to a worker's peak RSS)."""
+    if "torch._dynamo" not in sys.modules:
+        return 0
     from torch._dynamo.utils import counters
 
     return counters["frames"]["total"]
