@@ -39,10 +39,13 @@ def steps(out: Path, card: str, compiled: bool,
     found = [
         ("fps virst-7b eager", 180, virst7b + [
             "--backends", "eager", "--json", str(out / f"fps-virst7b-{card}.json")]),
-        # the files whose imports the GPU machine has (no server packages there)
+        # the files whose imports the GPU machine has (no server packages there); without
+        # the compiled backend, its runtime tests only ("not compiled" also left out the
+        # kernels' `test_compiled_kernels_on_gpu`, at 5da2858)
         ("gpu tests", 240 if compiled else 90, [
             PY, "-m", "pytest", "-q", "-m", "gpu", "tests/test_kernels.py",
-            "tests/test_runtime.py"] + ([] if compiled else ["-k", "not compiled"])),
+            "tests/test_runtime.py"] + (
+                [] if compiled else ["-k", "not (reference and compiled)"])),
         # its warm-up runs virst-7b twice, compiling its units (one warm-up run took 227 s
         # on an H200 at 9f531ae), after the reference row's
         ("fps virst-7b compiled", 540, virst7b + [
