@@ -9,7 +9,8 @@
     anchors  every anchor of every expression, in batched steps side by side on the compute
              threads; the memory encoder only where a tracked frame will read the memory
     pass 2   frames decoded (background thread) and encoded (compute threads) ahead of
-             the sequential memory loop, the objects of all expressions as the batch;
+             the sequential memory loop, from before the prompts and anchors are made (a
+             GPU has work meanwhile), the objects of all expressions as the batch;
              masks upsampled in batches and handed out frame by frame
 
 Memory does not grow with the video's length or resolution: the bank has fixed-size
