@@ -809,6 +809,26 @@ def test_pass_2_encodes_ahead_while_the_language_model_runs(tiny_dir, long_clip)
     assert "encode" in events[: events.index("lm done")], events
 
 
+def test_a_block_of_tasks_lets_finished_results_go():
+    """`Tasks` on the long-lived pool keeps no finished task's result while its block is
+    open: pass 2 submits a task per frame, and holding their features made a 1024-frame
+    768x576 video peak at 2.9 GB against 1.0 for 64 frames (d793d2e to 34da52e)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from runtime.threads import Tasks
+
+    class Features:
+        pass
+
+    refs = []
+    with ThreadPoolExecutor(1) as pool, Tasks(pool) as tasks:
+        for _ in range(10):
+            future = tasks.submit(Features)
+            refs.append(weakref.ref(future.result()))
+            del future
+        assert sum(r() is not None for r in refs) <= 1  # the last task's, at most
+
+
 def test_background_stage_passes_errors_and_stops_early():
     def items():
         yield 1
