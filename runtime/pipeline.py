@@ -108,6 +108,9 @@ class Runtime:
         # one frame at a time on a CPU: larger batches fall out of cache and run slower per
         # frame (measured: ONNX Runtime 7.6 ms/frame at 1, 9.8 at 16); a GPU wants batches
         self.encode_batch = encode_batch or (1 if self.device.type == "cpu" else 16)
+        # pass 2 starts before the language model and the anchors on a GPU, whose queue
+        # would run dry meanwhile; on a CPU after them (runtime/session.py)
+        self.pass_2_early = self.device.type == "cuda"
         if self.backend_name in ("eager", "compiled"):
             self._load_torch(model)
         else:

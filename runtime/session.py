@@ -9,8 +9,8 @@
     anchors  every anchor of every expression, in batched steps side by side on the compute
              threads; the memory encoder only where a tracked frame will read the memory
     pass 2   frames decoded (background thread) and encoded (compute threads) ahead of
-             the sequential memory loop, from before the prompts and anchors are made (a
-             GPU has work meanwhile), the objects of all expressions as the batch;
+             the sequential memory loop (on a GPU from before the prompts and anchors
+             are made: it has work meanwhile), the objects of all expressions as the batch;
              masks upsampled in batches and handed out frame by frame
 
 Memory does not grow with the video's length or resolution: the bank has fixed-size
@@ -241,25 +241,36 @@ class Session:
             release_freed_memory()  # what the run kept for reuse goes back (runtime/heap.py)
 
     def _propagate(self, expressions: list[str], keep_frames: bool) -> Iterator[FrameMasks]:
-        rt = self.rt
         prompts = self._checked_and_sampled(expressions)
-        stream = self._encoded(keep_frames)
-        if rt.threads.encoder_thread:
-            # pass 2 decodes and encodes ahead while the language model and the anchors
-            # run, IN_FLIGHT batches per thread (an H200's trace of virst-7b: the GPU was
-            # nearly idle for 0.2 s of a 2.3 s run while the host ran the language model
-            # and pass 2 decoded its first frames)
-            stream = Background(stream, maxsize=2, name="virst-encoder")
-        with closing(stream):
-            yield from self._frame_loop(self._prompts(prompts), stream)
+        # on a GPU pass 2 decodes and encodes ahead while the language model and the
+        # anchors run (an H200's trace of virst-7b: the GPU nearly idle for 0.2 s of a 2.3 s
+        # run there); on a CPU it starts after them (the cores are theirs: 1.00x the time,
+        # and its frames in flight added to the anchors' peak memory)
+        early = self._pass_2(keep_frames) if self.rt.pass_2_early else None
+        with closing(early) if early is not None else nullcontext():
+            yield from self._frame_loop(self._prompts(prompts), keep_frames, early)
 
-    def _frame_loop(self, prompts: torch.Tensor, stream: Iterator) -> Iterator[FrameMasks]:
+    def _pass_2(self, keep_frames: bool) -> Iterator:
+        stream = self._encoded(keep_frames)
+        if self.rt.threads.encoder_thread:  # bounded: IN_FLIGHT batches per compute thread
+            stream = Background(stream, maxsize=2, name="virst-encoder")
+        return stream
+
+    def _frame_loop(self, prompts: torch.Tensor, keep_frames: bool,
+                    stream: Iterator | None) -> Iterator[FrameMasks]:
         rt, e = self.rt, prompts.shape[0]
         bank = MemoryBank(rt.config, rt.backend.constants, sorted(self.plan.anchor_frames),
                           self.length, e, rt.device, rt.dtype)
         anchors = self._anchors(prompts, bank.anchors_read)
         for frame, out in anchors.items():
             bank.write_anchor(frame, out)
+        stream = stream if stream is not None else self._pass_2(keep_frames)
+        with closing(stream):
+            yield from self._tracked(anchors, bank, e, stream)
+
+    def _tracked(self, anchors: dict, bank: MemoryBank, e: int, stream: Iterator
+                 ) -> Iterator[FrameMasks]:
+        rt = self.rt
         done, pending = [], None
         with torch.inference_mode():
             for t, frame, feats in stream:

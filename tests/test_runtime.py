@@ -780,12 +780,16 @@ def test_a_video_that_ends_early_is_refused(decode_threads, tiny_dir, tmp_path):
     assert len(list(session.segment(["the red circle"]))) == session.length
 
 
-def test_pass_2_encodes_ahead_while_the_language_model_runs(tiny_dir, long_clip):
-    """With a decoding thread, pass 2's first frames are decoded and encoded while the
-    language model and the anchors run (a GPU idled there: 0.2 s of a 2.3 s virst-7b run
-    on an H200), and an expression the model refuses stops the run before pass 2 starts."""
+@pytest.mark.parametrize("early", [True, False])
+def test_pass_2_encodes_ahead_while_the_language_model_runs(early, tiny_dir, long_clip):
+    """With a decoding thread and `pass_2_early` (a GPU's default), pass 2's first frames
+    are decoded and encoded while the language model and the anchors run (a GPU idled
+    there: 0.2 s of a 2.3 s virst-7b run on an H200); without it (a CPU's), after them.
+    An expression the model refuses stops the run before pass 2 starts."""
     frames, texts = long_clip
     runtime = Runtime(tiny_dir, backend="eager", threads=2)
+    assert not runtime.pass_2_early  # on this CPU
+    runtime.pass_2_early = early
     session = runtime.session(frames)
     session.video_tokens()  # pass 1 done: what the encoder does from now on is pass 2
     events, seg_hidden, encode = [], runtime.lm.seg_hidden, session._encode
@@ -806,7 +810,7 @@ def test_pass_2_encodes_ahead_while_the_language_model_runs(tiny_dir, long_clip)
     assert events == []
     masks = [f.masks for f in session.segment(texts[:1])]
     assert len(masks) == len(frames)
-    assert "encode" in events[: events.index("lm done")], events
+    assert ("encode" in events[: events.index("lm done")]) == early, events
 
 
 def test_a_block_of_tasks_lets_finished_results_go():
