@@ -245,7 +245,7 @@ class Session:
         # on a GPU pass 2 decodes and encodes ahead while the language model and the
         # anchors run (an H200's trace of virst-7b: the GPU nearly idle for 0.2 s of a 2.3 s
         # run there); on a CPU it starts after them (the cores are theirs: 1.00x the time,
-        # and its frames in flight added to the anchors' peak memory)
+        # and its frames in flight would add to the anchors' peak memory)
         early = self._pass_2(keep_frames) if self.rt.pass_2_early else None
         with closing(early) if early is not None else nullcontext():
             yield from self._frame_loop(self._prompts(prompts), keep_frames, early)
