@@ -44,7 +44,9 @@ def quiet_transformers():
 
 def prompt_embeds(embed, prompt: Prompt, video_tokens: torch.Tensor) -> torch.Tensor:
     """(L, hidden): text embeddings before the video, the video tokens, the text up to the
-    last [SEG] (nothing after it can change the [SEG] states)."""
+    last [SEG] (nothing after it can change the [SEG] states). Ids go through pinned
+    memory: made on a GPU from a list, they waited 137 ms for the image encoder's queued
+    work at the language model's start (virst-7b, H200)."""
     before = embed(to_device(torch.tensor(prompt.before), video_tokens.device))
     after = embed(to_device(torch.tensor(prompt.inference_after), video_tokens.device))
     return torch.cat([before, video_tokens.to(before.dtype), after])
@@ -89,7 +91,7 @@ class TorchLM:
         """(E, N, hidden) final hidden states at the [SEG] tokens of each prompt."""
         embeds = [prompt_embeds(self.embed, p, video_tokens) for p in prompts]
         # index tensors, not lists: a list index is a copy from pageable memory that waits
-        # for the device's queue (on a GPU: the image encoder's work, 137 ms on an H200)
+        # for the device's queue (as `Features.take`'s did: runtime/backends/base.py)
         positions = [to_device(torch.tensor(p.seg_positions(video_tokens.shape[0])),
                                video_tokens.device) for p in prompts]
         if self.fusion is not None:
